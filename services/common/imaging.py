@@ -1,0 +1,190 @@
+"""Image decoding and normalisation, written once for every engine.
+
+The predictor, the TorchServe handler and Triton's python ``preprocess`` model all call
+:func:`decode_image` and :func:`preprocess`, and the training data pipeline calls
+:func:`preprocess` too, so the same bytes give the same tensor everywhere. This module needs
+only NumPy and Pillow (no torch), which keeps the Triton preprocessing model light.
+
+Pipeline: base64 text -> bytes -> PIL image (pixel limit checked from the header, before any
+pixel is decoded) -> RGB (palette, alpha, CMYK, 16-bit and grayscale handled) -> resize of the
+shorter side + centre crop to the model's input size -> float32 CHW, ``(x/255 - mean) / std``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+#: Refuse images with more pixels than this (decompression bombs). 40 MP covers phone photos.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+_DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
+_BASE64_CHARS = re.compile(rb"^[A-Za-z0-9+/]*={0,2}$")
+
+
+class ImageDecodeError(ValueError):
+    """The caller sent something that is not a usable image. ``code`` is machine-readable."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model expects: CHW float32 of ``height``x``width``, normalised per channel."""
+
+    height: int = 32
+    width: int = 32
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    name: str = "input"
+    dtype: str = "FP32"
+    channels: int = 3
+    layout: str = "NCHW"
+    resize: str = "shorter-side bilinear, centre crop"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["shape"] = list(self.shape)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InputSpec:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        for key in ("mean", "std"):
+            if key in known:
+                known[key] = tuple(float(v) for v in known[key])
+        return cls(**known)
+
+
+def decode_base64(text: str) -> bytes:
+    """Strict base64 decoding; a ``data:image/...;base64,`` prefix and whitespace are allowed."""
+    if not isinstance(text, str):
+        raise ImageDecodeError("image must be a base64 string", "invalid_type")
+    text = _DATA_URL.sub("", text.strip(), count=1)
+    raw = "".join(text.split()).encode("ascii", errors="replace")
+    if not raw:
+        raise ImageDecodeError("image is empty", "empty_image")
+    if not _BASE64_CHARS.match(raw):
+        raise ImageDecodeError("image is not valid base64", "invalid_base64")
+    try:
+        return base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageDecodeError("image is not valid base64 (bad padding)", "invalid_base64") from None
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode encoded image bytes into an RGB PIL image, refusing bombs and broken files."""
+    if not data:
+        raise ImageDecodeError("image is empty", "empty_image")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (and at 2x raises) for big images; our own limit below is the rule.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width <= 0 or height <= 0:
+                raise ImageDecodeError("image has no pixels", "not_an_image")
+            if width * height > max_pixels:
+                raise ImageDecodeError(
+                    f"image is {width}x{height} = {width * height} pixels, "
+                    f"more than the limit of {max_pixels}",
+                    "image_too_large",
+                )
+            if image.format == "JPEG":
+                # Let libjpeg scale big photos down while decoding: far less work for a 32x32 target.
+                image.draft("RGB", (256, 256))
+            image.load()
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageDecodeError("data is not a recognised image format", "not_an_image") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(str(exc), "image_too_large") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageDecodeError(f"image could not be decoded: {exc}", "corrupt_image") from None
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB. Transparent pixels become black, the training background."""
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)  # animated GIF/WebP/APNG: the first frame
+    image = ImageOps.exif_transpose(image) or image
+    mode = image.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        gray = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if mode == "F":
+        gray = np.clip(np.asarray(image, dtype=np.float64), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    elif mode == "P":
+        image = image.convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def preprocess(image: Image.Image, spec: InputSpec) -> np.ndarray:
+    """RGB image -> float32 array of ``spec.shape``, normalised with the spec's mean and std."""
+    if image.mode != "RGB":
+        image = to_rgb(image)
+    image = ImageOps.fit(
+        image, (spec.width, spec.height), method=Image.Resampling.BILINEAR, centering=(0.5, 0.5)
+    )
+    array = np.asarray(image, dtype=np.float32) / 255.0  # HWC
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+    array = (array - mean) / std
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def decode_and_preprocess(
+    data: bytes, spec: InputSpec, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Encoded image bytes -> normalised float32 CHW array (the one entry point engines use)."""
+    return preprocess(decode_image(data, max_pixels=max_pixels), spec)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 for stable scores."""
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def top_k_predictions(
+    logits: np.ndarray, labels: Sequence[str], top_k: int
+) -> list[list[dict[str, Any]]]:
+    """Logits [N, C] -> per image a list of ``{"label", "class_id", "score"}``, best first."""
+    scores = softmax(np.atleast_2d(logits))
+    k = max(1, min(top_k, scores.shape[1]))
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return [
+        [
+            {"label": labels[int(c)], "class_id": int(c), "score": float(row[int(c)])}
+            for c in order_row
+        ]
+        for row, order_row in zip(scores, order, strict=True)
+    ]

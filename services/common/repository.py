@@ -1,0 +1,158 @@
+"""Reading the versioned model repository that ``python -m training publish`` writes.
+
+Layout (Triton's, see README "Model repository")::
+
+    <repo>/<model>/config.pbtxt              onnxruntime_onnx
+    <repo>/<model>/labels.txt
+    <repo>/<model>/<version>/model.onnx
+    <repo>/<model>/<version>/manifest.json   the commit point: a version exists once this does
+    <repo>/<model>_torchscript/config.pbtxt  pytorch_libtorch
+    <repo>/<model>_torchscript/<version>/model.pt
+
+The manifest lists every artifact with its sha256 (paths relative to the repository root).
+Every engine calls :func:`load_version`, which verifies them before anything is served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from services.common.imaging import InputSpec
+
+MANIFEST_NAME = "manifest.json"
+ONNX_NAME = "model.onnx"
+TORCHSCRIPT_NAME = "model.pt"
+TORCHSCRIPT_SUFFIX = "_torchscript"
+MANIFEST_SCHEMA_VERSION = 1
+
+
+class RepositoryError(RuntimeError):
+    """The repository holds no usable version (missing, unreadable or failing verification)."""
+
+
+class IntegrityError(RepositoryError):
+    """An artifact's bytes do not match the sha256 its manifest recorded."""
+
+
+class Artifact(BaseModel):
+    """One file of a version, relative to the repository root."""
+
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+
+
+class Manifest(BaseModel):
+    """Everything needed to serve and audit one published version."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    schema_version: int = MANIFEST_SCHEMA_VERSION
+    model: str
+    version: int = Field(ge=1)
+    created_at: str
+    torch_version: str
+    arch: str
+    dataset: dict[str, Any]
+    metrics: dict[str, float]
+    input: dict[str, Any]
+    output: dict[str, Any]
+    labels: list[str] = Field(min_length=1)
+    artifacts: dict[str, Artifact]
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return InputSpec.from_dict(self.input)
+
+
+class ModelVersion(BaseModel):
+    """A verified version: its manifest and absolute artifact paths."""
+
+    manifest: Manifest
+    onnx_path: Path
+    torchscript_path: Path
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    @property
+    def labels(self) -> list[str]:
+        return self.manifest.labels
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def version_dir(repo: Path, model: str, version: int) -> Path:
+    return repo / model / str(version)
+
+
+def list_versions(repo: Path, model: str) -> list[int]:
+    """Published versions (numeric folders holding a manifest), oldest first."""
+    model_dir = repo / model
+    if not model_dir.is_dir():
+        return []
+    return sorted(
+        int(child.name)
+        for child in model_dir.iterdir()
+        if child.name.isdigit() and (child / MANIFEST_NAME).is_file()
+    )
+
+
+def read_manifest(repo: Path, model: str, version: int) -> Manifest:
+    path = version_dir(repo, model, version) / MANIFEST_NAME
+    try:
+        return Manifest.model_validate(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise RepositoryError(f"{model} version {version} has no manifest at {path}") from None
+    except (json.JSONDecodeError, ValidationError, UnicodeDecodeError) as exc:
+        raise RepositoryError(f"manifest {path} is unreadable: {exc}") from None
+
+
+def verify_artifacts(repo: Path, manifest: Manifest) -> None:
+    """Raise :class:`IntegrityError` unless every artifact exists with its recorded sha256."""
+    for name, artifact in manifest.artifacts.items():
+        path = repo / artifact.path
+        if not path.is_file():
+            raise IntegrityError(f"{manifest.model} v{manifest.version}: {name} missing at {path}")
+        actual = sha256_file(path)
+        if actual != artifact.sha256:
+            raise IntegrityError(
+                f"{manifest.model} v{manifest.version}: {name} sha256 mismatch "
+                f"(manifest {artifact.sha256[:12]}..., file {actual[:12]}...)"
+            )
+
+
+def load_version(repo: Path, model: str, version: int | None = None) -> ModelVersion:
+    """Verified version ``version``, or the newest published one when ``version`` is None."""
+    if version is None:
+        versions = list_versions(repo, model)
+        if not versions:
+            raise RepositoryError(
+                f"no published version of {model!r} in {repo} "
+                "(run `make train-and-publish` or `python -m training train-and-publish`)"
+            )
+        version = versions[-1]
+    manifest = read_manifest(repo, model, version)
+    if manifest.model != model or manifest.version != version:
+        raise RepositoryError(
+            f"manifest in {version_dir(repo, model, version)} describes "
+            f"{manifest.model} v{manifest.version}"
+        )
+    verify_artifacts(repo, manifest)
+    return ModelVersion(
+        manifest=manifest,
+        onnx_path=repo / manifest.artifacts["onnx"].path,
+        torchscript_path=repo / manifest.artifacts["torchscript"].path,
+    )
