@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 #: Refuse images with more pixels than this (decompression bombs). 40 MP covers phone photos.
@@ -85,7 +86,9 @@ def decode_base64(text: str) -> bytes:
     try:
         return base64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError):
-        raise ImageDecodeError("image is not valid base64 (bad padding)", "invalid_base64") from None
+        raise ImageDecodeError(
+            "image is not valid base64 (bad padding)", "invalid_base64"
+        ) from None
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -107,7 +110,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
                     "image_too_large",
                 )
             if image.format == "JPEG":
-                # Let libjpeg scale big photos down while decoding: far less work for a 32x32 target.
+                # Let libjpeg scale big photos down while decoding: far less work for small targets.
                 image.draft("RGB", (256, 256))
             image.load()
     except ImageDecodeError:
@@ -146,7 +149,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def preprocess(image: Image.Image, spec: InputSpec) -> np.ndarray:
+def preprocess(image: Image.Image, spec: InputSpec) -> npt.NDArray[np.float32]:
     """RGB image -> float32 array of ``spec.shape``, normalised with the spec's mean and std."""
     if image.mode != "RGB":
         image = to_rgb(image)
@@ -162,20 +165,21 @@ def preprocess(image: Image.Image, spec: InputSpec) -> np.ndarray:
 
 def decode_and_preprocess(
     data: bytes, spec: InputSpec, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> np.ndarray:
+) -> npt.NDArray[np.float32]:
     """Encoded image bytes -> normalised float32 CHW array (the one entry point engines use)."""
     return preprocess(decode_image(data, max_pixels=max_pixels), spec)
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float64]:
     """Row-wise softmax in float64 for stable scores."""
     shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
+    result: npt.NDArray[np.float64] = exp / exp.sum(axis=-1, keepdims=True)
+    return result
 
 
 def top_k_predictions(
-    logits: np.ndarray, labels: Sequence[str], top_k: int
+    logits: npt.NDArray[np.floating[Any]], labels: Sequence[str], top_k: int
 ) -> list[list[dict[str, Any]]]:
     """Logits [N, C] -> per image a list of ``{"label", "class_id", "score"}``, best first."""
     scores = softmax(np.atleast_2d(logits))

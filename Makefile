@@ -1,0 +1,40 @@
+# One entry point for people and CI. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+REPO ?= model_repository
+TRAIN_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help install train-and-publish test lint gpu-check clean
+
+help: ## list targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
+
+install: $(INSTALLED) ## create .venv and install pinned dependencies (quick when done)
+
+$(INSTALLED): pyproject.toml requirements.lock
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --constraint requirements.lock --editable '.[dev]'
+	touch $@
+
+train-and-publish: install ## train on digits, export TorchScript + ONNX, check parity, publish a new version
+	$(PY) -m training train-and-publish --repo $(REPO) $(TRAIN_ARGS)
+
+test: install ## the whole test suite (what CI runs)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install ## ruff and strict mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check services training tests
+	$(VENV)/bin/mypy
+
+clean: ## remove generated models, checkpoints, run folders and reports (keeps .venv)
+	rm -rf checkpoints runs reports
+	find $(REPO) -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

@@ -1,0 +1,98 @@
+"""Session fixtures shared by every test module.
+
+``published_model`` trains a small digits model once per session (seconds on a CPU), publishes
+it into a temporary repository with the real training code, and hands engines PNG test images
+together with the eager model's top-1 answer for each, so every engine test can check answers,
+not only status codes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from services.common.imaging import decode_and_preprocess
+from services.common.repository import Manifest, read_manifest
+from training.data import digit_images, split_indices
+from training.publish import publish_checkpoint
+from training.trainer import TrainConfig, load_checkpoint, model_from_checkpoint, train
+
+#: Held-out images handed to engine tests.
+TEST_IMAGE_COUNT = 64
+
+# Keep torch from oversubscribing the two cores while servers run beside the tests.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU tests are skipped where no CUDA device exists (they run in `make gpu-check`)."""
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (run `make gpu-check` on a GPU host)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@dataclass
+class PublishedModel:
+    repo: Path
+    model: str
+    version: int
+    manifest: Manifest
+    checkpoint: Path
+    images: list[bytes]
+    expected_top1: list[int]
+
+
+def png_bytes(image: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")  # type: ignore[attr-defined]
+    return buffer.getvalue()
+
+
+def eager_top1(checkpoint: Path, manifest: Manifest, images: list[bytes]) -> list[int]:
+    """The eager PyTorch model's answer through the serving decoder: what every engine must give."""
+    model = model_from_checkpoint(load_checkpoint(checkpoint))
+    batch = np.stack([decode_and_preprocess(data, manifest.input_spec) for data in images])
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(batch))
+    return [int(i) for i in logits.argmax(dim=1)]
+
+
+def held_out_digit_pngs(seed: int, count: int) -> list[bytes]:
+    images, _ = digit_images()
+    _, _, test_idx = split_indices(len(images), (0.1, 0.1), seed)
+    return [png_bytes(images[i]) for i in test_idx[:count]]
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("checkpoints")
+    config = TrainConfig(epochs=6, patience=6, out_dir=str(out), progress=False, seed=0)
+    return train(config).best_checkpoint
+
+
+@pytest.fixture(scope="session")
+def published_model(
+    tmp_path_factory: pytest.TempPathFactory, trained_checkpoint: Path
+) -> PublishedModel:
+    repo = tmp_path_factory.mktemp("published") / "model_repository"
+    version = publish_checkpoint(trained_checkpoint, repo)
+    manifest = read_manifest(repo, "classifier", version)
+    images = held_out_digit_pngs(seed=0, count=TEST_IMAGE_COUNT)
+    return PublishedModel(
+        repo=repo,
+        model="classifier",
+        version=version,
+        manifest=manifest,
+        checkpoint=trained_checkpoint,
+        images=images,
+        expected_top1=eager_top1(trained_checkpoint, manifest, images),
+    )

@@ -1,0 +1,1 @@
+"""Training, export and publishing of image classifiers (``python -m training --help``)."""
