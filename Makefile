@@ -10,7 +10,8 @@ REPO ?= model_repository
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install train-and-publish test lint gpu-check clean
+.PHONY: help install train-and-publish test lint gpu-check clean \
+	triton-up triton-down triton-status triton-bench
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -38,3 +39,19 @@ lint: install ## ruff and strict mypy
 clean: ## remove generated models, checkpoints, run folders and reports (keeps .venv)
 	rm -rf checkpoints runs reports
 	find $(REPO) -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
+
+# --- Triton (local tritonserver from the nvidia-pytriton wheel) -------------------------------
+TRITON_BENCH_ENV := TRITON_RUN_DIR=runs/triton-bench TRITON_HTTP_PORT=8210 TRITON_GRPC_PORT=8211 TRITON_METRICS_PORT=8212
+
+triton-up: install ## start the local tritonserver (python-backend twins of $(REPO)) on 8200/8201/8202
+	TRITON_REPOSITORY=$(REPO) $(PY) -m services.triton up
+
+triton-down: ## stop the local tritonserver and its python stubs
+	$(PY) -m services.triton down
+
+triton-status: ## is the local tritonserver running and ready?
+	$(PY) -m services.triton status
+
+triton-bench: install ## Triton start-to-ready, sequential p50/p99, throughput with 8 clients
+	mkdir -p reports
+	TRITON_REPOSITORY=$(REPO) $(TRITON_BENCH_ENV) $(PY) -m services.triton.bench --json reports/triton-bench.json

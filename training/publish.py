@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib.util
 import logging
 import os
 import shutil
@@ -38,9 +37,11 @@ from services.common.repository import (
     list_versions,
     sha256_file,
 )
+from services.torchserve.archive import build_archive
+from services.triton.model_configs import remove_versions, write_triton_models
+from services.triton.settings import TritonSettings
 from training.data import load_dataset
 from training.export import INPUT_NAME, OUTPUT_NAME, export_and_check
-from training.model_config import LABELS_FILENAME, ModelSpec, onnx_config, torchscript_config
 from training.trainer import load_checkpoint, model_from_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -100,13 +101,6 @@ def next_version(repo: Path, model: str) -> int:
     return max(numbers) + 1
 
 
-def _optional_hook(module: str) -> Any | None:
-    """The engines' publish hooks live in their own packages; absent until they are written."""
-    if importlib.util.find_spec(module) is None:
-        return None
-    return importlib.import_module(module)
-
-
 def build_manifest(
     model: str,
     version: int,
@@ -142,18 +136,6 @@ def build_manifest(
     )
 
 
-def write_model_configs(repo: Path, spec: ModelSpec, labels: list[str]) -> None:
-    """config.pbtxt and labels.txt of both native models (Triton reads labels per model)."""
-    labels_text = "\n".join(labels) + "\n"
-    native = {
-        spec.name: onnx_config(spec, INPUT_NAME, OUTPUT_NAME),
-        spec.name + TORCHSCRIPT_SUFFIX: torchscript_config(spec),
-    }
-    for name, config in native.items():
-        write_atomic(repo / name / "config.pbtxt", config)
-        write_atomic(repo / name / LABELS_FILENAME, labels_text)
-
-
 def prune(repo: Path, model: str, keep: int) -> list[int]:
     """Delete all but the newest ``keep`` versions; the manifest folder goes first."""
     removed = []
@@ -167,6 +149,7 @@ def prune(repo: Path, model: str, keep: int) -> list[int]:
                 folder.rename(doomed)
                 shutil.rmtree(doomed)
         removed.append(version)
+    remove_versions(repo, model, removed)
     return removed
 
 
@@ -228,31 +211,18 @@ def publish_checkpoint(
                 {"onnx": onnx_path, "torchscript": ts_path},
                 report.as_dict(),
             )
-            archive_hook = _optional_hook("services.torchserve.archive")
-            if archive_hook is None:
-                logger.warning(
-                    "TorchServe archive skipped: services/torchserve/archive.py is not present"
-                )
-            else:
-                mar = Path(archive_hook.build_archive(staging, manifest, onnx_dir))
-                manifest.artifacts["torchserve_archive"] = Artifact(
-                    path=str(mar.relative_to(staging)),
-                    sha256=sha256_file(mar),
-                    bytes=mar.stat().st_size,
-                )
+            mar = build_archive(staging, manifest, onnx_dir)
+            manifest.artifacts["torchserve_archive"] = Artifact(
+                path=str(mar.relative_to(staging)),
+                sha256=sha256_file(mar),
+                bytes=mar.stat().st_size,
+            )
             (onnx_dir / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
             fsync_tree(staging)
 
-            spec = ModelSpec(
-                name=model,
-                input_shape=tuple(manifest.input["shape"]),
-                num_classes=len(manifest.labels),
-                max_batch_size=max_batch_size,
-            )
-            write_model_configs(repo, spec, manifest.labels)
-            triton_hook = _optional_hook("services.triton.model_configs")
-            if triton_hook is not None:
-                triton_hook.write_triton_models(repo, manifest)
+            # Configs of the native models, preprocess and the ensemble; they need only the
+            # manifest, and name no version, so writing them before the commit is safe.
+            write_triton_models(repo, manifest, TritonSettings(max_batch_size=max_batch_size))
             for staged in (ts_dir, onnx_dir):  # the manifest's folder last: the commit point
                 move_into_place(staged, repo / staged.relative_to(staging))
             if keep is not None:

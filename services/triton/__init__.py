@@ -1,0 +1,1 @@
+"""Triton engine: configs generated from the manifest, python-backend models, local launcher."""

@@ -1,0 +1,308 @@
+"""Run the real ``tritonserver`` from the ``nvidia-pytriton`` wheel on a machine without Docker.
+
+The wheel ships Triton 2.51 with only the python backend. :class:`LocalTriton`:
+
+1. generates the python-backend repository into ``<run_dir>/model_repository``
+   (:func:`services.triton.model_configs.write_local_repository`: twins of the native models
+   on the same version files, ``preprocess``, the ensemble);
+2. assembles a backend directory in ``<run_dir>/backends/python`` with the wheel's backend
+   library and the stub built for this Python (the wheel keeps stubs per Python version apart);
+3. starts ``tritonserver`` bound to ``settings.host`` in its own process group, with this
+   venv's ``bin`` first on PATH (the stub finds its packages through the ``python3`` on PATH,
+   not through PYTHONPATH) and LD_LIBRARY_PATH holding the wheel's libraries (the copied stub
+   no longer sits where its RPATH points) and this Python's ``libpython``;
+4. waits until ``/v2/health/ready`` and the ensemble's ready endpoint answer 200;
+5. stops it by signalling the whole process group (tritonserver and every stub).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+from services.common.repository import RepositoryError
+from services.triton.model_configs import write_local_repository
+from services.triton.settings import TritonSettings
+
+logger = logging.getLogger(__name__)
+
+STUB_NAME = "triton_python_backend_stub"
+PID_FILE = "tritonserver.pid"
+LOG_FILE = "tritonserver.log"
+
+
+class LauncherError(RuntimeError):
+    """tritonserver could not be prepared, started or stopped; the message says why."""
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """Where the ``nvidia-pytriton`` wheel keeps the server, its libraries and its stubs."""
+
+    binary: Path
+    backend_dir: Path
+    stub: Path
+    libs: Path
+
+    @classmethod
+    def find(cls, binary: Path | None = None) -> Distribution:
+        # Located, not imported: importing pytriton pulls in far more than its files.
+        spec = importlib.util.find_spec("pytriton")
+        if spec is None or spec.origin is None:
+            raise LauncherError(
+                "nvidia-pytriton is not installed: it provides the tritonserver binary"
+            )
+        root = Path(spec.origin).resolve().parent / "tritonserver"
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        dist = cls(
+            binary=binary or root / "bin" / "tritonserver",
+            backend_dir=root / "backends" / "python",
+            stub=root / "python_backend_stubs" / version / STUB_NAME,
+            libs=root.parent.parent / "nvidia_pytriton.libs",
+        )
+        for path in (dist.binary, dist.backend_dir / "libtriton_python.so", dist.stub):
+            if not path.is_file():
+                raise LauncherError(f"{path} is missing (nvidia-pytriton for Python {version}?)")
+        return dist
+
+
+def _process_cmdline(pid: int) -> str:
+    try:
+        return (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
+    except OSError:
+        return ""
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group ``pgid``, from /proc."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the parenthesised command: state ppid pgrp ...
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+class LocalTriton:
+    """One local tritonserver described by ``settings``; see the module docstring."""
+
+    def __init__(self, settings: TritonSettings) -> None:
+        self.settings = settings
+        self.run_dir = settings.run_dir.resolve()
+        self.repository = self.run_dir / "model_repository"
+        self.backends = self.run_dir / "backends"
+        self.log_path = self.run_dir / LOG_FILE
+        self.pid_path = self.run_dir / PID_FILE
+        self.process: subprocess.Popen[bytes] | None = None
+
+    # --- preparing ---------------------------------------------------------------------
+
+    def prepare(self) -> int:
+        """Generate the repository and the backend directory; return the served version."""
+        dist = Distribution.find(self.settings.tritonserver)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            version = write_local_repository(
+                self.repository,
+                self.settings.repository.resolve(),
+                self.settings.model,
+                self.settings,
+            )
+        except RepositoryError as exc:  # nothing (verified) to serve: say so, no traceback
+            raise LauncherError(str(exc)) from None
+        python_dir = self.backends / "python"
+        python_dir.mkdir(parents=True, exist_ok=True)
+        for source in (
+            dist.backend_dir / "libtriton_python.so",
+            dist.backend_dir / "triton_python_backend_utils.py",
+            dist.stub,
+        ):
+            target = python_dir / source.name
+            if not target.exists() or target.stat().st_size != source.stat().st_size:
+                shutil.copy2(source, target)  # the stub keeps its executable bit
+        return version
+
+    def command(self) -> list[str]:
+        s = self.settings
+        dist = Distribution.find(s.tritonserver)
+        # A prefix unique to this run folder and process keeps two servers (a developer's stack
+        # and a test run) from opening each other's python-backend shared memory regions.
+        digest = hashlib.sha1(str(self.run_dir).encode()).hexdigest()[:8]
+        shm_prefix = f"tpb_{digest}_{os.getpid()}_"
+        return [
+            str(dist.binary),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={self.backends}",
+            f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
+            f"--cache-directory={dist.binary.parent.parent / 'caches'}",
+            f"--http-address={s.host}",
+            f"--http-port={s.http_port}",
+            f"--grpc-address={s.host}",
+            f"--grpc-port={s.grpc_port}",
+            f"--metrics-address={s.host}",
+            f"--metrics-port={s.metrics_port}",
+            "--allow-metrics=true",
+            "--allow-gpu-metrics=false",
+            "--allow-sagemaker=false",
+            "--allow-vertex-ai=false",
+            # The configs are generated complete: the backend must not rewrite them.
+            "--disable-auto-complete-config",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            "--model-control-mode=none",
+            # No GPU is needed for the python backend; a pinned pool would ask CUDA for memory.
+            "--pinned-memory-pool-byte-size=0",
+            "--exit-timeout-secs=10",
+            f"--log-verbose={s.log_verbose}",
+        ]
+
+    def environment(self) -> dict[str, str]:
+        dist = Distribution.find(self.settings.tritonserver)
+        env = dict(os.environ)
+        venv_bin = str(Path(sys.executable).parent)
+        env["PATH"] = os.pathsep.join([venv_bin, env.get("PATH", "")])
+        libdir = str(sysconfig.get_config_var("LIBDIR") or "")
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (str(dist.libs), libdir, env.get("LD_LIBRARY_PATH", "")) if p
+        )
+        env.pop("PYTHONHOME", None)
+        return env
+
+    # --- running -----------------------------------------------------------------------
+
+    def start(self) -> subprocess.Popen[bytes]:
+        """Prepare and start tritonserver in a new process group; do not wait for readiness."""
+        if (pid := self.running_pid()) is not None:
+            raise LauncherError(f"tritonserver from {self.run_dir} is already running (pid {pid})")
+        version = self.prepare()
+        logger.info(
+            "serving %s version %d from %s", self.settings.model, version, self.settings.repository
+        )
+        log: IO[bytes] = self.log_path.open("ab")
+        try:
+            self.process = subprocess.Popen(
+                self.command(),
+                env=self.environment(),
+                cwd=self.run_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stop() signals the stubs too
+            )
+        finally:
+            log.close()
+        self.pid_path.write_text(f"{self.process.pid}\n")
+        return self.process
+
+    def wait_ready(self, timeout_s: float | None = None) -> float:
+        """Block until the server and the ensemble are ready; return seconds waited."""
+        timeout_s = timeout_s or self.settings.ready_timeout_s
+        started = time.monotonic()
+        base = f"http://{self.settings.http_url}"
+        paths = ["/v2/health/ready", f"/v2/models/{self.settings.ensemble}/ready"]
+        with httpx.Client(timeout=2.0) as client:
+            while True:
+                if self.process is not None and self.process.poll() is not None:
+                    raise LauncherError(
+                        f"tritonserver exited with status {self.process.returncode} before it "
+                        f"was ready; its log ({self.log_path}) ends with:\n{self.log_tail()}"
+                    )
+                with contextlib.suppress(httpx.HTTPError):
+                    if all(client.get(base + path).status_code == 200 for path in paths):
+                        return time.monotonic() - started
+                if time.monotonic() - started > timeout_s:
+                    raise LauncherError(
+                        f"tritonserver was not ready after {timeout_s:.0f}s; its log "
+                        f"({self.log_path}) ends with:\n{self.log_tail()}"
+                    )
+                time.sleep(0.2)
+
+    def running_pid(self) -> int | None:
+        """The pid (and process group) of this run folder's tritonserver, if it still runs."""
+        try:
+            pid = int(self.pid_path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        # The pid file may outlive the server and its pid be reused: check what runs there.
+        cmdline = _process_cmdline(pid)
+        if "tritonserver" not in cmdline or str(self.repository) not in cmdline:
+            return None
+        return pid
+
+    def _signal_group(self, pgid: int, sig: signal.Signals, grace_s: float) -> bool:
+        """Send ``sig`` to the group; True once none of it is left, False after ``grace_s``."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, sig)
+        deadline = time.monotonic() + grace_s
+        while True:
+            if self.process is not None:
+                self.process.poll()  # reap the leader: a zombie would still count as the group
+            if not group_members(pgid):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+
+    def stop(self) -> bool:
+        """SIGTERM the process group, SIGKILL it after ``stop_timeout_s``; True if one ran.
+
+        Returns once no process of the group is left, the python stubs included.
+        """
+        pid = self.process.pid if self.process is not None else self.running_pid()
+        if pid is None:
+            self.pid_path.unlink(missing_ok=True)
+            return False
+        if not self._signal_group(pid, signal.SIGTERM, self.settings.stop_timeout_s):
+            logger.warning("tritonserver group %d outlived SIGTERM; sending SIGKILL", pid)
+            if not self._signal_group(pid, signal.SIGKILL, 10.0):
+                raise LauncherError(f"group {pid} survived SIGKILL: {group_members(pid)}")
+        if self.process is not None:
+            self.process.wait()
+            self.process = None
+        self.pid_path.unlink(missing_ok=True)
+        return True
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def exec_foreground(self) -> None:
+        """Prepare, then replace this process with tritonserver (for supervisord / a terminal).
+
+        The process leads its own group (pgid == pid), so ``down`` and supervisord's
+        ``stopasgroup`` reach the python stubs too.
+        """
+        if (pid := self.running_pid()) is not None:
+            raise LauncherError(f"tritonserver from {self.run_dir} is already running (pid {pid})")
+        self.prepare()
+        command = self.command()
+        env = self.environment()
+        with contextlib.suppress(PermissionError):  # already a group leader
+            os.setsid()
+        self.pid_path.write_text(f"{os.getpid()}\n")  # exec keeps the pid
+        os.execve(command[0], command, env)

@@ -1,0 +1,404 @@
+"""Triton model configs for a published model, all generated from its manifest.
+
+One description (the version's :class:`~services.common.repository.Manifest`, plus the batching
+values of :class:`~services.triton.settings.TritonSettings`) gives every ``config.pbtxt``:
+
+=========================  =================  ===============================================
+model                      platform/backend   what it is
+=========================  =================  ===============================================
+``<model>``                onnxruntime_onnx   the classifier (native; containers)
+``<model>_torchscript``    pytorch_libtorch   the same network as TorchScript (native)
+``preprocess``             python             encoded image bytes -> normalised FP32 CHW
+``<model>_ensemble``       ensemble           IMAGE -> preprocess -> <model> -> LOGITS
+=========================  =================  ===============================================
+
+The local launcher has only Triton's python backend, so it serves *twins*: python-backend
+configs with the native models' names, inputs and outputs, run by one generic ``model.py``
+(:mod:`services.triton.models.twin`) on the same version files. Text generation is pure (the
+``*_config`` functions); :func:`write_triton_models` and :func:`write_local_repository` put it on
+disk atomically (temporary file or folder, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from services.common import imaging
+from services.common.repository import (
+    MANIFEST_NAME,
+    TORCHSCRIPT_SUFFIX,
+    Manifest,
+    load_version,
+    version_dir,
+)
+from services.triton.protocol import (
+    ENSEMBLE_SUFFIX,
+    IMAGE_INPUT,
+    LOGITS_OUTPUT,
+    PREPROCESS_MODEL,
+    PREPROCESSED_OUTPUT,
+)
+from services.triton.settings import TritonSettings
+
+#: pytorch_libtorch binds tensors by position when names follow ``<name>__<index>``; names taken
+#: from ``forward()`` arguments are not stable across tracing, so the convention is the safe one.
+TORCHSCRIPT_INPUT = "INPUT__0"
+TORCHSCRIPT_OUTPUT = "OUTPUT__0"
+LABELS_FILE = "labels.txt"
+CONFIG_FILE = "config.pbtxt"
+INPUT_SPEC_FILE = "input_spec.json"
+#: The python models' sources, copied as ``model.py`` into each version folder.
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+PREPROCESS_SOURCE = MODELS_DIR / "preprocess.py"
+TWIN_SOURCE = MODELS_DIR / "twin.py"
+#: The shared decoding module, carried beside the preprocess model so the repository is
+#: self-contained (the official Triton image has no ``services`` package).
+IMAGING_SOURCE = Path(imaging.__file__).resolve()
+
+Runtime = Literal["onnxruntime", "torchscript"]
+_TRITON_DTYPES = {
+    "FP16", "FP32", "FP64", "BF16", "INT8", "INT16", "INT32", "INT64",
+    "UINT8", "UINT16", "UINT32", "UINT64", "BOOL", "STRING",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One model input or output as config.pbtxt describes it (batch dimension excluded)."""
+
+    name: str
+    dtype: str
+    dims: tuple[int, ...]
+
+    @property
+    def data_type(self) -> str:
+        return f"TYPE_{self.dtype}"
+
+
+def _dtype(value: Any) -> str:
+    dtype = str(value or "FP32").upper().removeprefix("TYPE_")
+    aliases = {"FLOAT32": "FP32", "FLOAT": "FP32", "BYTES": "STRING"}
+    dtype = aliases.get(dtype, dtype)
+    if dtype not in _TRITON_DTYPES:
+        raise ValueError(f"{value!r} is not a Triton data type")
+    return dtype
+
+
+def input_tensor(manifest: Manifest) -> Tensor:
+    """The classifier's input, from the manifest's input spec (e.g. ``input`` FP32 [3,32,32])."""
+    spec = manifest.input_spec
+    return Tensor(spec.name, _dtype(spec.dtype), spec.shape)
+
+
+def output_tensor(manifest: Manifest) -> Tensor:
+    """The classifier's output (e.g. ``logits`` FP32 [10]); dims default to one per label."""
+    output = manifest.output
+    dims = output.get("shape") or output.get("dims") or [len(manifest.labels)]
+    dims = [int(d) for d in dims]
+    if dims and dims[0] == -1 and len(dims) > 1:
+        dims = dims[1:]  # a batch axis written into the manifest is not part of Triton's dims
+    return Tensor(
+        str(output.get("name", "logits")),
+        _dtype(output.get("dtype") or output.get("datatype")),
+        tuple(dims),
+    )
+
+
+# --- text rendering (protobuf text format, parsed back by the tests) -------------------------
+
+
+def _q(text: str) -> str:
+    return json.dumps(text)  # a JSON string is a valid protobuf text-format string literal
+
+
+def _tensor_block(tensors: Sequence[Tensor], labels: bool = False, nchw: bool = False) -> str:
+    items = []
+    for tensor in tensors:
+        dims = ", ".join(str(d) for d in tensor.dims)
+        lines = [f"    name: {_q(tensor.name)}", f"    data_type: {tensor.data_type}"]
+        if nchw:
+            lines.append("    format: FORMAT_NCHW")
+        lines.append(f"    dims: [ {dims} ]")
+        if labels:
+            lines.append(f"    label_filename: {_q(LABELS_FILE)}")
+        items.append("  {\n" + "\n".join(lines) + "\n  }")
+    return "[\n" + ",\n".join(items) + "\n]\n"
+
+
+def _dynamic_batching(preferred: Iterable[int], delay_us: int) -> str:
+    sizes = ", ".join(str(size) for size in sorted(set(preferred)))
+    preferred_line = f"  preferred_batch_size: [ {sizes} ]\n" if sizes else ""
+    return f"dynamic_batching {{\n{preferred_line}  max_queue_delay_microseconds: {delay_us}\n}}\n"
+
+
+def _instance_group(count: int, kind: str) -> str:
+    return f"instance_group [\n  {{\n    count: {count}\n    kind: {kind}\n  }}\n]\n"
+
+
+def _parameters(values: dict[str, str]) -> str:
+    return "".join(
+        f"parameters {{\n  key: {_q(key)}\n  value: {{ string_value: {_q(value)} }}\n}}\n"
+        for key, value in values.items()
+    )
+
+
+def _header(name: str, engine: str, max_batch_size: int) -> str:
+    # Only the newest version is served; the gateway reports the version Triton answers with.
+    return (
+        "# Generated by services.triton.model_configs from the published manifest: do not edit.\n"
+        f"name: {_q(name)}\n{engine}\nmax_batch_size: {max_batch_size}\n"
+        "version_policy: { latest: { num_versions: 1 } }\n"
+    )
+
+
+_NATIVE_PLATFORMS: dict[Runtime, str] = {
+    "onnxruntime": "onnxruntime_onnx",
+    "torchscript": "pytorch_libtorch",
+}
+
+
+def _classifier_config(
+    manifest: Manifest, settings: TritonSettings, runtime: Runtime, python_twin: bool
+) -> str:
+    model_in, model_out = input_tensor(manifest), output_tensor(manifest)
+    name = manifest.model
+    if runtime == "torchscript":
+        name += TORCHSCRIPT_SUFFIX
+        model_in = Tensor(TORCHSCRIPT_INPUT, model_in.dtype, model_in.dims)
+        model_out = Tensor(TORCHSCRIPT_OUTPUT, model_out.dtype, model_out.dims)
+    if python_twin:
+        engine, kind = 'backend: "python"', "KIND_CPU"
+    else:
+        # KIND_AUTO: on the GPU where the container has one, on the CPU otherwise.
+        engine, kind = f"platform: {_q(_NATIVE_PLATFORMS[runtime])}", "KIND_AUTO"
+    return (
+        _header(name, engine, settings.max_batch_size)
+        + f"input {_tensor_block([model_in], nchw=True)}"
+        + f"output {_tensor_block([model_out], labels=True)}"
+        + _dynamic_batching(settings.preferred_batch_sizes, settings.max_queue_delay_microseconds)
+        + _instance_group(settings.instance_count, kind)
+        + (_parameters({"runtime": runtime}) if python_twin else "")
+    )
+
+
+def onnx_config(manifest: Manifest, settings: TritonSettings) -> str:
+    """Native ``<model>/config.pbtxt``: ONNX Runtime, dynamic batching, labels attached."""
+    return _classifier_config(manifest, settings, "onnxruntime", python_twin=False)
+
+
+def torchscript_config(manifest: Manifest, settings: TritonSettings) -> str:
+    """Native ``<model>_torchscript/config.pbtxt`` (libtorch binds ``INPUT__0``/``OUTPUT__0``)."""
+    return _classifier_config(manifest, settings, "torchscript", python_twin=False)
+
+
+def twin_config(manifest: Manifest, settings: TritonSettings, runtime: Runtime) -> str:
+    """A python-backend twin of a native model: same name, inputs, outputs and batching."""
+    return _classifier_config(manifest, settings, runtime, python_twin=True)
+
+
+def preprocess_config(manifest: Manifest, settings: TritonSettings) -> str:
+    """``preprocess``: python backend, IMAGE (encoded bytes) -> INPUT (normalised CHW)."""
+    model_in = input_tensor(manifest)
+    return (
+        _header(PREPROCESS_MODEL, 'backend: "python"', settings.max_batch_size)
+        + f"input {_tensor_block([Tensor(IMAGE_INPUT, 'STRING', (1,))])}"
+        + "output "
+        + _tensor_block([Tensor(PREPROCESSED_OUTPUT, model_in.dtype, model_in.dims)])
+        + _dynamic_batching(
+            settings.preferred_batch_sizes, settings.preprocess_queue_delay_microseconds
+        )
+        + _instance_group(settings.preprocess_instance_count, "KIND_CPU")
+        + _parameters({"max_pixels": str(settings.max_image_pixels)})
+    )
+
+
+def ensemble_config(manifest: Manifest, settings: TritonSettings) -> str:
+    """``<model>_ensemble``: IMAGE -> preprocess -> <model> -> LOGITS (labels attached).
+
+    Both steps use the newest loaded version (-1); publish writes preprocess and classifier
+    versions with the same numbers, so the newest of each belong together. ``label_filename``
+    on LOGITS lets clients ask Triton's classification extension for ``score:index:label``.
+    """
+    model_in, model_out = input_tensor(manifest), output_tensor(manifest)
+    steps = (
+        "ensemble_scheduling {\n  step [\n"
+        "    {\n"
+        f"      model_name: {_q(PREPROCESS_MODEL)}\n      model_version: -1\n"
+        f"      input_map {{ key: {_q(IMAGE_INPUT)} value: {_q(IMAGE_INPUT)} }}\n"
+        f'      output_map {{ key: {_q(PREPROCESSED_OUTPUT)} value: "preprocessed" }}\n'
+        "    },\n"
+        "    {\n"
+        f"      model_name: {_q(manifest.model)}\n      model_version: -1\n"
+        f'      input_map {{ key: {_q(model_in.name)} value: "preprocessed" }}\n'
+        f"      output_map {{ key: {_q(model_out.name)} value: {_q(LOGITS_OUTPUT)} }}\n"
+        "    }\n"
+        "  ]\n}\n"
+    )
+    return (
+        _header(manifest.model + ENSEMBLE_SUFFIX, 'platform: "ensemble"', settings.max_batch_size)
+        + f"input {_tensor_block([Tensor(IMAGE_INPUT, 'STRING', (1,))])}"
+        + "output "
+        + _tensor_block([Tensor(LOGITS_OUTPUT, model_out.dtype, model_out.dims)], labels=True)
+        + steps
+    )
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write beside, then rename: a reader (or a polling Triton) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        Path(tmp).chmod(0o644)  # mkstemp makes 0600; the server may run as another user
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+FileSource = Path | str  # a file to copy, or the text to write
+
+
+def _same_content(folder: Path, files: dict[str, FileSource]) -> bool:
+    present = {p.name for p in folder.iterdir() if p.name != "__pycache__"}
+    if present != set(files):
+        return False
+    for name, source in files.items():
+        wanted = source.read_bytes() if isinstance(source, Path) else source.encode()
+        if (folder / name).read_bytes() != wanted:
+            return False
+    return True
+
+
+def write_version_dir(model_dir: Path, version: int, files: dict[str, FileSource]) -> Path:
+    """Make ``model_dir/<version>`` hold exactly ``files``, built beside and renamed in.
+
+    A folder that already holds the same content is left alone (publishing again is a no-op).
+    One that differs (say a publish that crashed before its commit left a preprocess folder
+    for a version number that is now reused) is swapped for the new content.
+    """
+    target = model_dir / str(version)
+    if target.is_dir() and _same_content(target, files):
+        return target
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=model_dir))
+    try:
+        for name, source in files.items():
+            if isinstance(source, Path):
+                shutil.copyfile(source, staging / name)
+            else:
+                (staging / name).write_text(source, encoding="utf-8")
+        staging.chmod(0o755)
+        if target.exists():
+            retired = model_dir / f".{version}.{uuid.uuid4().hex[:8]}.replaced"
+            target.rename(retired)
+            staging.rename(target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _labels_text(manifest: Manifest) -> str:
+    return "".join(f"{label}\n" for label in manifest.labels)
+
+
+def preprocess_files(manifest: Manifest) -> dict[str, FileSource]:
+    """What ``preprocess/<version>/`` holds: the model, the shared decoder, the input spec."""
+    spec = json.dumps(manifest.input_spec.to_dict(), indent=2, sort_keys=True) + "\n"
+    return {"model.py": PREPROCESS_SOURCE, "imaging.py": IMAGING_SOURCE, INPUT_SPEC_FILE: spec}
+
+
+def write_pipeline(repo: Path, manifest: Manifest, settings: TritonSettings) -> None:
+    """``preprocess`` and ``<model>_ensemble``: configs, labels and this version's folders."""
+    write_text_atomic(repo / PREPROCESS_MODEL / CONFIG_FILE, preprocess_config(manifest, settings))
+    write_version_dir(repo / PREPROCESS_MODEL, manifest.version, preprocess_files(manifest))
+    ensemble_dir = repo / (manifest.model + ENSEMBLE_SUFFIX)
+    write_text_atomic(ensemble_dir / CONFIG_FILE, ensemble_config(manifest, settings))
+    write_text_atomic(ensemble_dir / LABELS_FILE, _labels_text(manifest))
+    write_version_dir(ensemble_dir, manifest.version, {})  # an ensemble's version folder is empty
+
+
+def write_triton_models(
+    repo: Path, manifest: Manifest, settings: TritonSettings | None = None
+) -> None:
+    """Write every Triton config of a version being published into the model repository.
+
+    Publish calls this once per version: the native configs and labels of ``<model>`` and
+    ``<model>_torchscript``, then ``preprocess`` and ``<model>_ensemble`` with a version folder
+    numbered like the classifier's. It needs only the manifest, not the version's files, so it
+    may run before the version's commit. Settings default to the ``TRITON_*`` environment.
+    """
+    settings = settings or TritonSettings()
+    labels = _labels_text(manifest)
+    natives = {
+        manifest.model: onnx_config(manifest, settings),
+        manifest.model + TORCHSCRIPT_SUFFIX: torchscript_config(manifest, settings),
+    }
+    for name, config in natives.items():
+        write_text_atomic(repo / name / CONFIG_FILE, config)
+        write_text_atomic(repo / name / LABELS_FILE, labels)
+    write_pipeline(repo, manifest, settings)
+
+
+def remove_versions(repo: Path, model: str, versions: Iterable[int]) -> None:
+    """Delete the ``preprocess`` and ``<model>_ensemble`` folders of pruned versions.
+
+    Publish's pruning calls this beside removing the classifier's own version folders.
+    """
+    for version in versions:
+        for model_dir in (repo / PREPROCESS_MODEL, repo / (model + ENSEMBLE_SUFFIX)):
+            folder = model_dir / str(version)
+            if folder.exists():
+                doomed = model_dir / f".{version}.{uuid.uuid4().hex[:8]}.deleted"
+                folder.rename(doomed)  # gone from Triton's view at once, then removed
+                shutil.rmtree(doomed, ignore_errors=True)
+
+
+def write_local_repository(
+    target: Path, source_repo: Path, model: str, settings: TritonSettings
+) -> int:
+    """Generate the python-backend repository the local tritonserver serves; return its version.
+
+    The newest published version of ``model`` in ``source_repo`` is verified (sha256 of every
+    artifact; a mismatch raises rather than serving something else) and keeps its number here:
+    a python twin per native model whose version folder holds the generic ``model.py`` and
+    links to the published ``model.onnx`` / ``model.pt`` and ``manifest.json``, plus
+    ``preprocess`` and the ensemble. ``target`` is rebuilt from scratch.
+    """
+    manifest = load_version(source_repo, model).manifest
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    twins: list[tuple[Runtime, str]] = [("onnxruntime", "onnx")]
+    if settings.torchscript_twin:
+        twins.append(("torchscript", "torchscript"))
+    published_manifest = version_dir(source_repo, model, manifest.version) / MANIFEST_NAME
+    for runtime, artifact_key in twins:
+        config = twin_config(manifest, settings, runtime)
+        model_dir = target / (model if runtime == "onnxruntime" else model + TORCHSCRIPT_SUFFIX)
+        write_text_atomic(model_dir / CONFIG_FILE, config)
+        write_text_atomic(model_dir / LABELS_FILE, _labels_text(manifest))
+        folder = write_version_dir(model_dir, manifest.version, {"model.py": TWIN_SOURCE})
+        artifact = source_repo / manifest.artifacts[artifact_key].path
+        (folder / artifact.name).symlink_to(artifact.resolve())
+        (folder / MANIFEST_NAME).symlink_to(published_manifest.resolve())
+    write_pipeline(target, manifest, settings)
+    return manifest.version

@@ -1,0 +1,1 @@
+"""Triton python-backend models, copied as ``model.py`` into the generated repositories."""
