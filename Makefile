@@ -11,7 +11,8 @@ TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: help install train-and-publish test lint gpu-check clean \
-	triton-up triton-down triton-status triton-bench
+	triton-up triton-down triton-status triton-bench up down status compose-check \
+	torchserve-up torchserve-down torchserve-status torchserve-reload torchserve-bench
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -27,6 +28,18 @@ $(INSTALLED): pyproject.toml requirements.lock
 
 train-and-publish: install ## train on digits, export TorchScript + ONNX, check parity, publish a new version
 	$(PY) -m training train-and-publish --repo $(REPO) $(TRAIN_ARGS)
+
+up: install ## the whole local stack (3 engines + gateway + Prometheus) under supervisord; waits until ready
+	$(PY) -m services.stack up
+
+down: ## stop the local stack; fails if any of its processes survives
+	$(PY) -m services.stack down
+
+status: ## supervisor's view of the local stack and the gateway's /readyz
+	$(PY) -m services.stack status
+
+compose-check: install ## validate compose.yaml, the Dockerfiles, Prometheus and Grafana config (no Docker needed)
+	$(PY) -m pytest tests/stack/test_compose_static.py -q
 
 test: install ## the whole test suite (what CI runs)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -55,3 +68,19 @@ triton-status: ## is the local tritonserver running and ready?
 triton-bench: install ## Triton start-to-ready, sequential p50/p99, throughput with 8 clients
 	mkdir -p reports
 	TRITON_REPOSITORY=$(REPO) $(TRITON_BENCH_ENV) $(PY) -m services.triton.bench --json reports/triton-bench.json
+
+# --- TorchServe ------------------------------------------------------------------------------
+torchserve-up: install ## start TorchServe on the newest published version (waits until its worker is READY)
+	TORCHSERVE_REPOSITORY=$(REPO) $(PY) -m services.torchserve up
+
+torchserve-down: ## stop TorchServe; fails if a Java or worker process survives
+	TORCHSERVE_REPOSITORY=$(REPO) $(PY) -m services.torchserve down
+
+torchserve-status: ## TorchServe processes, served versions, worker states (JSON; exit 0 = ready)
+	TORCHSERVE_REPOSITORY=$(REPO) $(PY) -m services.torchserve status
+
+torchserve-reload: install ## serve the newest published version without a restart
+	TORCHSERVE_REPOSITORY=$(REPO) $(PY) -m services.torchserve reload
+
+torchserve-bench: install ## TorchServe start-to-ready time and p50/p99 of 200 sequential requests
+	TORCHSERVE_REPOSITORY=$(REPO) $(PY) -m services.torchserve.bench

@@ -14,8 +14,13 @@ Request body (per request of a batch):
 
 A request that is the caller's mistake gets its own 4xx status and a JSON body
 ``{"error", "code"}`` through ``context.set_response_status(code, message, idx=i)``; the other
-requests of the batch are answered normally. Only a fault of the model itself (an exception
+requests of the batch are answered normally (an unexpected exception while decoding one
+request gets that request a 500, logged). Only a fault of the model itself (an exception
 from the forward pass) fails the whole batch, which TorchServe answers with 503.
+
+Every batch is counted in the ``HandlerBatches`` metric (label ``BatchSize``; declared in
+services/torchserve/metrics.yaml, exported on TorchServe's /metrics) and logged as
+``batch_size=N`` in model_log.log, so batching can be checked rather than assumed.
 """
 
 from __future__ import annotations

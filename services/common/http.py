@@ -1,0 +1,87 @@
+"""ASGI pieces every FastAPI service puts in front of its routes.
+
+:class:`BodySizeLimit` refuses oversized request bodies with 413 in the DESIGN.md error shape.
+It checks the declared ``Content-Length`` first (no byte read) and then counts the bytes that
+really arrive, because a chunked upload has no Content-Length and a client can lie in it. The
+body is buffered (at most the limit) and handed to the app in one message; the services parse
+whole JSON documents anyway, so nothing streams past this point.
+"""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.common.errors import error_response
+
+#: Default body limit: a few large photos in base64 fit, an accidental upload of a video does not.
+DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+
+
+class BodySizeLimit:
+    """Pure ASGI middleware (no BaseHTTPMiddleware: it costs a task per request)."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+        if max_body_bytes < 0:
+            raise ValueError("max_body_bytes must be >= 0")
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_body_bytes:
+            await self._refuse(scope, receive, send, declared_bytes=declared)
+            return
+
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client went away mid-upload: nobody to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                await self._refuse(scope, receive, send, declared_bytes=None)
+                return
+            if chunk:
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body only http.disconnect can come
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(
+        self, scope: Scope, receive: Receive, send: Send, declared_bytes: int | None
+    ) -> None:
+        size = f" of {declared_bytes} bytes" if declared_bytes is not None else ""
+        response = error_response(
+            413,
+            f"request body{size} is over the limit of {self.max_body_bytes} bytes",
+            "payload_too_large",
+        )
+        # No "Connection: close": uvicorn then reads and drops the rest of the upload after
+        # this answer, so a client still sending gets the 413 instead of a connection reset.
+        await response(scope, receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None  # the server rejects a malformed header before we see it
+    return None

@@ -1,0 +1,57 @@
+"""The base of every service's one settings class (STYLE.md 4).
+
+A service subclasses :class:`ServiceSettings`, sets its own ``env_prefix`` and documents each
+field with a docstring right under it (pydantic turns those into field descriptions, so
+:func:`settings_table` can print the README's table from the code). Values are validated when
+the service starts: a bad one stops it with pydantic's message naming the variable.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.common.http import DEFAULT_MAX_BODY_BYTES
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class ServiceSettings(BaseSettings):
+    """Fields every HTTP service has. Subclasses set ``env_prefix`` and a default ``port``."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid", validate_default=True, use_attribute_docstrings=True
+    )
+
+    host: str = "127.0.0.1"
+    """Interface to listen on; 0.0.0.0 to accept connections from other hosts or containers."""
+    port: int = Field(default=8000, ge=1, le=65535)
+    """TCP port to listen on."""
+    log_level: LogLevel = "info"
+    """Log level of the service and of uvicorn."""
+    access_log: bool = False
+    """Log one line per request (off by default: it costs throughput and Prometheus counts them)."""
+    max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1)
+    """Largest request body in bytes; larger ones get 413 before they are parsed."""
+
+
+def configure_logging(level: LogLevel) -> None:
+    """One format for the service's own loggers; uvicorn keeps its own handlers."""
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def settings_table(settings_cls: type[BaseSettings]) -> str:
+    """Markdown table of a settings class: environment variable, default, description."""
+    prefix = str(settings_cls.model_config.get("env_prefix", ""))
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for name, field in settings_cls.model_fields.items():
+        default: Any = field.get_default(call_default_factory=True)
+        shown = "(none)" if default is None else f"`{default}`"
+        meaning = " ".join((field.description or "").split())
+        rows.append(f"| `{prefix}{name.upper()}` | {shown} | {meaning} |")
+    return "\n".join(rows)

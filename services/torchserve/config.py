@@ -1,0 +1,255 @@
+"""TorchServe settings (env prefix ``TORCHSERVE_``) and the ``config.properties`` they render.
+
+One settings class drives both uses:
+
+* local (``python -m services.torchserve up``): everything bound to 127.0.0.1, files under the
+  run folder;
+* compose: inference and metrics on 0.0.0.0 inside the container, management on the compose
+  network only (the port is not published to the host), the same security settings.
+
+The checked-in ``config.local.properties`` and ``config.compose.properties`` are this
+renderer's output for the two profiles (a test keeps them in sync), so they can be read or
+used with a plain ``torchserve --ts-config``.
+
+Security choices (README "TorchServe"):
+
+* token authorization stays ON (TorchServe 0.12 default): TorchServe writes
+  ``key_file.json`` (inference, management and API keys) into its working directory, the run
+  folder, which is created with mode 0700;
+* the management API listens on loopback locally; ``enable_model_api`` is on so that new
+  versions can be registered without a restart, but ``allowed_urls`` only matches archives
+  already in this instance's model store: nobody can make TorchServe download code, and
+  registering needs the management key plus write access to the run folder;
+* no per-model pip installs, no configuration from environment variables, a capped JVM heap.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.common.http import DEFAULT_MAX_BODY_BYTES
+
+#: The metrics file (TorchServe 0.12's default metrics + the handler's batch counter); the
+#: launcher copies it into the run folder.
+METRICS_CONFIG = Path(__file__).with_name("metrics.yaml")
+
+Profile = Literal["local", "compose"]
+
+
+class TorchServeSettings(BaseSettings):
+    """Every knob of the local TorchServe instance; each one can be set as TORCHSERVE_<NAME>."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TORCHSERVE_",
+        extra="forbid",
+        env_ignore_empty=True,
+        validate_default=True,
+        use_attribute_docstrings=True,  # the docstrings below become field descriptions
+    )
+
+    repository: Path = Path("model_repository")
+    """Model repository written by `python -m training publish` (Triton layout)."""
+    model: str = Field(default="classifier", pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+    """Model name: the repository folder and TorchServe's model name."""
+    version: int | None = Field(default=None, ge=1)
+    """Version to serve at start; None serves the newest published version."""
+    run_dir: Path = Path("runs/torchserve")
+    """Instance folder: config.properties, key_file.json, tmp/ (TMPDIR), logs/, model_store/."""
+    host: str = "127.0.0.1"
+    """Address the inference and metrics APIs bind to (0.0.0.0 inside a container)."""
+    management_host: str = "127.0.0.1"
+    """Address the management API binds to: loopback locally, the internal network in compose."""
+    inference_port: int = Field(default=8180, ge=1, le=65535)
+    """Inference API port (/predictions/<model>, /ping)."""
+    management_port: int = Field(default=8181, ge=1, le=65535)
+    """Management API port (/models): register, scale, describe; needs the management key."""
+    metrics_port: int = Field(default=8182, ge=1, le=65535)
+    """Prometheus metrics port (/metrics, ts_* and the handler's HandlerBatches)."""
+    grpc_inference_port: int = Field(default=8183, ge=1, le=65535)
+    """gRPC inference port (TorchServe always opens it; bound like `host`)."""
+    grpc_management_port: int = Field(default=8184, ge=1, le=65535)
+    """gRPC management port (bound like `management_host`)."""
+    workers: int = Field(default=1, ge=1, le=64)
+    """Python workers for the model (each one a process holding the model)."""
+    batch_size: int = Field(default=8, ge=1, le=1024)
+    """Most requests TorchServe hands the handler in one batch."""
+    max_batch_delay_ms: int = Field(default=5, ge=0, le=10_000)
+    """How long TorchServe waits to fill a batch; every request may wait this long."""
+    response_timeout_s: int = Field(default=30, ge=1)
+    """A worker that takes longer than this on one batch is restarted."""
+    job_queue_size: int = Field(default=100, ge=1)
+    """Requests queued per model before TorchServe answers 503."""
+    max_request_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024)
+    """Largest request body TorchServe accepts (413 above); matches the gateway's limit."""
+    jvm_heap_mb: int = Field(default=512, ge=128)
+    """Java heap cap (-Xmx) of the frontend."""
+    token_expiration_min: int = Field(default=7 * 24 * 60, ge=1)
+    """Lifetime of the inference and management keys (TorchServe's default is 60)."""
+    enable_model_api: bool = True
+    """Allow registering versions through the management API (`reload`); off = restart."""
+    number_of_gpu: int | None = Field(default=None, ge=0)
+    """GPUs TorchServe may use; None lets it detect them (CUDA is used when present)."""
+    start_timeout_s: float = Field(default=180.0, gt=0)
+    """How long `up` waits for the model's workers to be READY."""
+    stop_timeout_s: float = Field(default=30.0, gt=0)
+    """How long `down` waits after SIGTERM before it SIGKILLs what is left."""
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> Self:
+        ports = [
+            self.inference_port,
+            self.management_port,
+            self.metrics_port,
+            self.grpc_inference_port,
+            self.grpc_management_port,
+        ]
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"TorchServe ports must be distinct, got {ports}")
+        return self
+
+    # Paths inside the run folder (absolute, because TorchServe runs with cwd = run folder).
+    @property
+    def run_path(self) -> Path:
+        return self.run_dir.expanduser().resolve()
+
+    @property
+    def repository_path(self) -> Path:
+        return self.repository.expanduser().resolve()
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.run_path / "tmp"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.run_path / "logs"
+
+    @property
+    def model_store(self) -> Path:
+        return self.run_path / "model_store"
+
+    @property
+    def config_file(self) -> Path:
+        return self.run_path / "config.properties"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.run_path / "metrics.yaml"
+
+    @property
+    def key_file(self) -> Path:
+        return self.run_path / "key_file.json"
+
+    def _client_host(self, host: str) -> str:
+        return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://{self._client_host(self.host)}:{self.inference_port}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://{self._client_host(self.management_host)}:{self.management_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self._client_host(self.host)}:{self.metrics_port}"
+
+
+def mar_name(model: str, version: int) -> str:
+    """File name of a version's archive inside the model store (one file per version)."""
+    return f"{model}-v{version}.mar"
+
+
+def model_entry(settings: TorchServeSettings, version: int) -> dict[str, object]:
+    """The per-version settings TorchServe reads from ``models=`` (and ``reload`` passes)."""
+    return {
+        "defaultVersion": True,
+        "marName": mar_name(settings.model, version),
+        "minWorkers": settings.workers,
+        "maxWorkers": settings.workers,
+        "batchSize": settings.batch_size,
+        "maxBatchDelay": settings.max_batch_delay_ms,
+        "responseTimeout": settings.response_timeout_s,
+    }
+
+
+def render_config(
+    settings: TorchServeSettings,
+    version: int,
+    *,
+    model_store: str | None = None,
+    metrics_config: str | None = None,
+    profile: Profile = "local",
+) -> str:
+    """``config.properties`` text for serving ``version`` of ``settings.model``."""
+    store = model_store or str(settings.model_store)
+    metrics = metrics_config or str(settings.metrics_file)
+    models = {settings.model: {str(version): model_entry(settings, version)}}
+    lines = [
+        f"# TorchServe {profile} configuration, rendered by services/torchserve/config.py",
+        "# from TorchServeSettings (env prefix TORCHSERVE_). Edit the settings, not this file.",
+        f"inference_address=http://{settings.host}:{settings.inference_port}",
+        f"management_address=http://{settings.management_host}:{settings.management_port}",
+        f"metrics_address=http://{settings.host}:{settings.metrics_port}",
+        f"grpc_inference_address={settings.host}",
+        f"grpc_inference_port={settings.grpc_inference_port}",
+        f"grpc_management_address={settings.management_host}",
+        f"grpc_management_port={settings.grpc_management_port}",
+        f"model_store={store}",
+        f"load_models={mar_name(settings.model, version)}",
+        "models=" + json.dumps(models, separators=(",", ":")),
+        f"default_workers_per_model={settings.workers}",
+        f"job_queue_size={settings.job_queue_size}",
+        f"default_response_timeout={settings.response_timeout_s}",
+        f"max_request_size={settings.max_request_bytes}",
+        "metrics_mode=prometheus",
+        f"metrics_config={metrics}",
+        "# Token authorization ON: keys in key_file.json in the working directory.",
+        "disable_token_authorization=false",
+        f"token_expiration_min={settings.token_expiration_min}",
+        "# Registering versions needs the management key; only archives already in the",
+        "# model store can be registered (allowed_urls matches nothing else).",
+        f"enable_model_api={'true' if settings.enable_model_api else 'false'}",
+        f"allowed_urls=file://{store}/[^/]+[.]mar",
+        "install_py_dep_per_model=false",
+        "enable_envvars_config=false",
+        f"vmargs=-Xmx{settings.jvm_heap_mb}m -XX:+ExitOnOutOfMemoryError",
+    ]
+    if settings.number_of_gpu is not None:
+        lines.append(f"number_of_gpu={settings.number_of_gpu}")
+    return "\n".join(lines) + "\n"
+
+
+def profile_settings(profile: Profile) -> TorchServeSettings:
+    """Default settings of a profile, ignoring the environment (for the checked-in files)."""
+    if profile == "local":
+        return TorchServeSettings.model_construct()
+    # Compose mounts the repository at /models and keeps the run folder (key file included)
+    # on a volume the gateway reads; management listens on the compose network, unpublished.
+    return TorchServeSettings.model_construct(
+        repository=Path("/models"),
+        run_dir=Path("/srv/torchserve"),
+        host="0.0.0.0",
+        management_host="0.0.0.0",
+    )
+
+
+def render_profile(profile: Profile, version: int = 1) -> str:
+    """The checked-in reference file of a profile (paths as the profile lays them out)."""
+    settings = profile_settings(profile)
+    # The local run folder is relative to the repository root here; the launcher writes
+    # absolute paths.
+    run = settings.run_dir.as_posix()
+    return render_config(
+        settings,
+        version,
+        model_store=f"{run}/model_store",
+        metrics_config=f"{run}/metrics.yaml",
+        profile=profile,
+    )
