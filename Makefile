@@ -11,7 +11,7 @@ TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: help install train-and-publish test lint gpu-check clean \
-	triton-up triton-down triton-status triton-bench up down status compose-check \
+	triton-up triton-down triton-status triton-bench up down status compose-check bench gateway bench-gateway predictor predictor-bench \
 	torchserve-up torchserve-down torchserve-status torchserve-reload torchserve-bench
 
 help: ## list targets
@@ -38,6 +38,14 @@ down: ## stop the local stack; fails if any of its processes survives
 status: ## supervisor's view of the local stack and the gateway's /readyz
 	$(PY) -m services.stack status
 
+BENCH_USERS ?= 8
+BENCH_SPAWN_RATE ?= 8
+BENCH_DURATION ?= 30s
+BENCH_ARGS ?=
+
+bench: install ## Locust comparison of the 3 backends through the gateway (after `make up`); report in reports/bench-<time>/
+	$(PY) -m loadtests.bench --users $(BENCH_USERS) --spawn-rate $(BENCH_SPAWN_RATE) --duration $(BENCH_DURATION) $(BENCH_ARGS)
+
 compose-check: install ## validate compose.yaml, the Dockerfiles, Prometheus and Grafana config (no Docker needed)
 	$(PY) -m pytest tests/stack/test_compose_static.py -q
 
@@ -46,8 +54,12 @@ test: install ## the whole test suite (what CI runs)
 
 lint: install ## ruff and strict mypy
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check services training tests
+	$(VENV)/bin/ruff format --check services training tests loadtests
 	$(VENV)/bin/mypy
+
+gpu-check: install ## on a CUDA host: the tests marked gpu, then engine throughput (fp32/fp16, batch 1-256, TorchScript/ONNX)
+	$(PY) -m pytest -m gpu tests -q -rs
+	$(PY) -m services.predictor.gpu_check --repo $(REPO)
 
 clean: ## remove generated models, checkpoints, run folders and reports (keeps .venv)
 	rm -rf checkpoints runs reports
@@ -84,3 +96,18 @@ torchserve-reload: install ## serve the newest published version without a resta
 
 torchserve-bench: install ## TorchServe start-to-ready time and p50/p99 of 200 sequential requests
 	TORCHSERVE_REPOSITORY=$(REPO) $(PY) -m services.torchserve.bench
+
+# --- Gateway ---------------------------------------------------------------------------------
+gateway: install ## run the gateway on :8000 in front of the engines (settings: GATEWAY_*)
+	$(PY) -m services.gateway
+
+bench-gateway: install ## what the gateway costs: added p50 at concurrency 1, throughput ratio at 16
+	$(PY) -m services.gateway.bench --repo $(REPO)
+
+# --- Predictor -------------------------------------------------------------------------------
+predictor: install ## run the FastAPI predictor on $(REPO) (port 8100; every setting is a PREDICTOR_* variable)
+	PREDICTOR_REPOSITORY=$(REPO) $(PY) -m services.predictor
+
+predictor-bench: install ## predictor req/s, p50/p99 at concurrency 1/8/32, batching on/off, vs its /noop ceiling
+	mkdir -p reports
+	$(PY) -m services.predictor.bench --repo $(REPO) --json reports/predictor-bench.json

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,3 +98,74 @@ def published_model(
         images=images,
         expected_top1=eager_top1(trained_checkpoint, manifest, images),
     )
+
+
+@dataclass
+class LocalStack:
+    """The whole local stack as `make up` starts it (default ports), for one test session."""
+
+    run_dir: Path
+    repository: Path
+    env: dict[str, str]
+    gateway_url: str = "http://127.0.0.1:8000"
+    prometheus_url: str = "http://127.0.0.1:9090"
+    predictor_url: str = "http://127.0.0.1:8100"
+    torchserve_url: str = "http://127.0.0.1:8180"
+    torchserve_management_url: str = "http://127.0.0.1:8181"
+    torchserve_metrics_url: str = "http://127.0.0.1:8182"
+    triton_url: str = "http://127.0.0.1:8200"
+    triton_metrics_url: str = "http://127.0.0.1:8202"
+
+    @property
+    def torchserve_key_file(self) -> Path:
+        return self.run_dir / "torchserve" / "key_file.json"
+
+    @property
+    def torchserve_token(self) -> str:
+        import json
+
+        keys = json.loads(self.torchserve_key_file.read_text())
+        return str(keys["inference"]["key"])
+
+    def make(self, target: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["make", "--no-print-directory", target],
+            cwd=REPO_ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """`make up` from a stopped state with an empty repository (so it trains and publishes
+    first), yielded ready; `make down` at the end must leave no process behind."""
+    from services.stack.settings import StackSettings
+    from services.stack.supervisor import stack_processes
+
+    base = tmp_path_factory.mktemp("stack")
+    stack = LocalStack(
+        run_dir=base / "run",
+        repository=base / "model_repository",
+        env={
+            **os.environ,
+            "STACK_RUN_DIR": str(base / "run"),
+            "STACK_REPOSITORY": str(base / "model_repository"),
+        },
+    )
+    settings = StackSettings(run_dir=stack.run_dir, repository=stack.repository)
+    assert not stack_processes(settings), "a stack is already running in this run folder"
+    started = stack.make("up")
+    try:
+        assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+        yield stack
+    finally:
+        stopped = stack.make("down")
+        left = stack_processes(settings)
+        assert stopped.returncode == 0, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+        assert not left, f"processes left after `make down`: {[p.pid for p in left]}"

@@ -1,0 +1,274 @@
+"""The predictor's FastAPI app: lifespan, ``/predict``, health, metrics and the v2 router.
+
+The lifespan owns every resource (STYLE.md 3): it resolves the device, loads, verifies and
+warms up the model (a failure stops the service with one clear log line), starts the batcher
+and the hot-reload poller, and on shutdown stops them and the thread pools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
+
+import orjson
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from services.common.errors import (
+    PayloadTooLarge,
+    Unavailable,
+    Unprocessable,
+    UnsupportedMediaType,
+    install_error_handlers,
+)
+from services.common.http import BodySizeLimit
+from services.common.imaging import (
+    InputSpec,
+    decode_and_preprocess,
+    decode_base64,
+    top_k_predictions,
+)
+from services.common.metrics import RequestMetrics, metrics_response
+from services.common.repository import RepositoryError
+from services.common.schemas import ErrorResponse, PredictRequest, PredictResponse
+from services.predictor import SERVER_NAME, SERVER_VERSION, v2
+from services.predictor.batcher import DynamicBatcher
+from services.predictor.engines import (
+    EngineError,
+    FloatArray,
+    LoadedModel,
+    load_model,
+    resolve_device,
+    set_torch_threads,
+)
+from services.predictor.metrics import PredictorMetrics
+from services.predictor.reloader import Loader, ModelManager
+from services.predictor.settings import PredictorSettings
+from services.predictor.state import PredictorState, get_state
+
+logger = logging.getLogger(__name__)
+
+BACKEND = "predictor"
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 413, 415, 422, 503, 504)
+}
+
+
+class StartupError(RuntimeError):
+    """The service cannot serve (no verified, working model): it stops instead."""
+
+
+def _decode(text: object, spec: InputSpec, max_pixels: int) -> FloatArray:
+    """Runs in a decode thread (inside the batcher): base64 text -> model input tensor."""
+    return decode_and_preprocess(decode_base64(cast(str, text)), spec, max_pixels)
+
+
+_PREDICT_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": v2.inline_schema(PredictRequest)}},
+    }
+}
+
+
+async def parse_predict_request(request: Request) -> PredictRequest:
+    """The body as a :class:`PredictRequest`, parsed by pydantic-core straight from the bytes.
+
+    Done by hand instead of declaring a body parameter: FastAPI would decode the JSON into
+    Python objects first and then validate them, which costs a measurable share of a request
+    at thousands of requests per second. Errors keep the shape of FastAPI's own (422).
+    """
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"send the body as application/json, not {content_type or 'no content type'!r}",
+            "unsupported_media_type",
+        )
+    try:
+        return PredictRequest.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
+def default_loader(settings: PredictorSettings, device: str) -> Loader:
+    def load(version: int | None) -> LoadedModel:
+        return load_model(
+            settings.repository,
+            settings.model,
+            version,
+            settings.engine,
+            device,
+            fp16=settings.fp16,
+            channels_last=settings.channels_last,
+            threads=settings.cpu_threads(),
+            optimize=settings.jit_optimize,
+            max_batch_size=settings.max_batch_size,
+            warmup_runs=settings.warmup_runs,
+        )
+
+    return load
+
+
+def create_app(settings: PredictorSettings | None = None, loader: Loader | None = None) -> FastAPI:
+    """The app; ``loader`` replaces the repository loader (tests use a failing one)."""
+    settings = settings or PredictorSettings()
+    metrics = PredictorMetrics.create()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")
+        decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        batcher = DynamicBatcher(
+            infer_pool,
+            decode_pool,
+            settings.decode_threads,
+            metrics,
+            max_batch_size=settings.max_batch_size,
+            max_delay_s=settings.max_delay_ms / 1000.0,
+            queue_size=settings.queue_size,
+        )
+        metrics.queue_depth.set_function(lambda: batcher.depth)
+        state: PredictorState | None = None
+        try:
+            try:
+                load = loader
+                if load is None:
+                    device = resolve_device(settings.device)
+                    if settings.engine == "torchscript":
+                        set_torch_threads(settings.cpu_threads())
+                    load = default_loader(settings, device)
+                manager = ModelManager(
+                    settings.repository, settings.model, load, metrics, settings.version
+                )
+                model = await manager.load_initial()
+            except (RepositoryError, EngineError) as exc:
+                logger.error("predictor cannot start: %s", exc)
+                raise StartupError(f"predictor cannot start: {exc}") from None
+            batcher.start()
+            state = PredictorState(settings, metrics, manager, batcher, decode_pool)
+            if settings.poll_interval_s > 0 and settings.version is None:
+                state.background.append(
+                    asyncio.create_task(
+                        manager.poll_forever(settings.poll_interval_s), name="hot-reload"
+                    )
+                )
+            app.state.predictor = state
+            state.ready = True
+            logger.info(
+                "ready: %s v%d on %s (%s), max batch %d, delay %gms",
+                model.name,
+                model.number,
+                model.engine.device,
+                model.engine.kind,
+                settings.max_batch_size,
+                settings.max_delay_ms,
+            )
+            yield
+        finally:
+            if state is not None:
+                state.ready = False
+                for task in state.background:
+                    task.cancel()
+                await asyncio.gather(*state.background, return_exceptions=True)
+            await batcher.stop()
+            infer_pool.shutdown(wait=True, cancel_futures=True)
+            decode_pool.shutdown(wait=True, cancel_futures=True)
+
+    app = FastAPI(
+        title="predictor",
+        version=SERVER_VERSION,
+        summary="Image classifier on TorchScript or ONNX Runtime with dynamic batching.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        RequestMetrics, duration=metrics.request_duration, in_flight=metrics.in_flight
+    )
+
+    @app.post(
+        "/predict",
+        response_model=PredictResponse,
+        responses=_ERRORS,
+        openapi_extra=_PREDICT_DOC,
+        tags=["predict"],
+    )
+    async def predict(request: Request) -> Response:
+        """Classify one base64 image (``image``) or several (``images``).
+
+        ``predictions`` is a list of ``{label, class_id, score}`` (best first, ``top_k`` long)
+        for ``image``, and one such list per image for ``images``.
+        """
+        # The state is read directly rather than through StateDep: on the hottest route,
+        # FastAPI's dependency resolution is a noticeable share of the per-request CPU.
+        state = get_state(request)
+        body = await parse_predict_request(request)
+        if (body.image is None) == (body.images is None):
+            raise Unprocessable("send exactly one of 'image' or 'images'", "invalid_request")
+        images = [body.image] if body.image is not None else body.images or []
+        if not images:
+            raise Unprocessable("'images' is empty", "empty_images")
+        if len(images) > settings.max_images:
+            raise PayloadTooLarge(
+                f"{len(images)} images is over the limit of {settings.max_images} per request",
+                "too_many_images",
+            )
+        model = state.model()
+        decode = functools.partial(_decode, spec=model.spec, max_pixels=settings.max_pixels)
+        async with state.deadline():
+            logits = await state.classify(model, images, decode)
+        metrics.images.labels("predict").inc(len(images))
+        predictions = top_k_predictions(logits, model.labels, body.top_k)
+        payload = {
+            "model": model.name,
+            "version": str(model.number),
+            "backend": BACKEND,
+            "predictions": predictions[0] if body.image is not None else predictions,
+        }
+        return Response(
+            orjson.dumps(payload), media_type="application/json", headers={"X-Backend": BACKEND}
+        )
+
+    @app.post("/noop", tags=["ops"])
+    async def noop() -> Response:
+        """Does nothing: the HTTP ceiling of this server, for the benchmark."""
+        return Response(b'{"ok":true}', media_type="application/json")
+
+    # After /predict and /noop: routes are matched in order, and the hot ones go first.
+    app.include_router(v2.router)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        """The process is up (not necessarily ready)."""
+        return {"status": "ok", "service": SERVER_NAME}
+
+    @app.get("/readyz", tags=["ops"], responses={503: {"model": ErrorResponse}})
+    async def readyz(request: Request) -> dict[str, Any]:
+        """200 once a verified model is warm; lists refused versions."""
+        state: PredictorState | None = getattr(request.app.state, "predictor", None)
+        if state is None or not state.ready or state.manager.current is None:
+            raise Unavailable("the predictor is not ready", "not_ready")
+        model = state.manager.current
+        return {
+            "ready": True,
+            "model": model.name,
+            "version": model.number,
+            "engine": model.engine.kind,
+            "device": model.engine.device,
+            "refused": {str(v): reason for v, reason in state.manager.refused.items()},
+        }
+
+    @app.get("/metrics", tags=["ops"])
+    async def prometheus_metrics() -> Response:
+        """Prometheus text format."""
+        return metrics_response(metrics.registry)
+
+    return app

@@ -1,0 +1,302 @@
+"""Dynamic batching: images from concurrent requests share one decode job and one inference call.
+
+Requests put one item per image into a bounded queue and await a future each. One batcher task
+takes up to ``max_batch_size`` items; a batch starts when it is full or when its oldest item has
+waited ``max_delay`` (Triton's ``max_queue_delay`` semantics), whichever comes first. Under load
+no time is spent waiting at all: while one batch runs, the next one fills up.
+
+A batch is then processed off the event loop in two steps: its encoded images are decoded in
+the decode pool (split into one chunk per decode thread), and the tensors go through the
+engine in the single inference thread. Decoding per batch rather than per request matters on a
+small CPU: handing work to a thread costs about as much as decoding a small image, and this way
+it is paid a few times per batch instead of once per image. Two batches may be in flight, so
+the decoding of one overlaps the inference of the previous one. An image that fails to decode
+fails only its own request; the rest of the batch goes on.
+
+Every item carries the :class:`LoadedModel` its request started with, and a batch never mixes
+two models: after a hot reload, requests admitted before the swap finish on the old version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, cast
+
+import numpy as np
+
+from services.predictor.engines import Engine, FloatArray, LoadedModel
+from services.predictor.metrics import PredictorMetrics
+
+logger = logging.getLogger(__name__)
+
+#: Turns one request payload (e.g. a base64 string) into a CHW float32 tensor; may raise.
+Decoder = Callable[[object], FloatArray]
+
+#: Batches between taking and answering: one decoding while the previous one infers.
+IN_FLIGHT_BATCHES = 2
+
+
+class QueueFull(RuntimeError):
+    """The queue cannot take the request's images now; the caller should retry later."""
+
+
+class BatcherClosed(RuntimeError):
+    """The service is shutting down."""
+
+
+class InferenceFailed(RuntimeError):
+    """The engine raised while running a batch (an engine fault, not the caller's)."""
+
+
+class ItemFailed(Exception):
+    """One image of a request could not be decoded; ``error`` is why, ``index`` which one."""
+
+    def __init__(self, index: int, error: Exception) -> None:
+        super().__init__(f"item {index}: {error}")
+        self.index = index
+        self.error = error
+
+
+@dataclass(slots=True, eq=False)
+class _Item:
+    model: LoadedModel
+    payload: object
+    decode: Decoder | None  # None: the payload already is the tensor
+    future: asyncio.Future[FloatArray]
+    enqueued: float
+    tensor: FloatArray | None = None
+
+
+def _decode_chunk(jobs: list[tuple[Decoder, object]]) -> list[FloatArray | Exception]:
+    """Runs in a decode thread. Each failure is returned, to be delivered to its own request."""
+    results: list[FloatArray | Exception] = []
+    for decode, payload in jobs:
+        try:
+            results.append(decode(payload))
+        except Exception as exc:
+            results.append(exc)
+    return results
+
+
+def _run_engine(engine: Engine, tensors: list[FloatArray]) -> tuple[FloatArray, float]:
+    """Runs in the inference thread: stack, infer, and time both."""
+    start = time.perf_counter()
+    logits = engine.infer(np.stack(tensors))
+    return logits, time.perf_counter() - start
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        infer_executor: Executor,
+        decode_executor: Executor,
+        decode_threads: int,
+        metrics: PredictorMetrics,
+        max_batch_size: int,
+        max_delay_s: float,
+        queue_size: int,
+    ) -> None:
+        self._infer_executor = infer_executor
+        self._decode_executor = decode_executor
+        self._decode_threads = decode_threads
+        self._metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.queue_size = queue_size
+        self._pending: deque[_Item] = deque()
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(IN_FLIGHT_BATCHES)
+        self._idle = True
+        self._last_batch = 0
+        self._closed = False
+        self._task: asyncio.Task[None] | None = None
+        self._in_flight: dict[asyncio.Task[None], list[_Item]] = {}
+
+    @property
+    def depth(self) -> int:
+        """Images waiting now (some may belong to requests that already gave up)."""
+        return len(self._pending)
+
+    @property
+    def in_flight(self) -> int:
+        """Images taken into batches that are decoding or inferring now."""
+        return sum(len(batch) for batch in self._in_flight.values())
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="dynamic-batcher")
+
+    async def stop(self) -> None:
+        self._closed = True
+        tasks = [t for t in (self._task, *self._in_flight) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        stranded = [item for batch in self._in_flight.values() for item in batch]
+        for item in [*stranded, *self._pending]:
+            if not item.future.done():
+                item.future.set_exception(BatcherClosed("the predictor is shutting down"))
+        self._pending.clear()
+        self._in_flight.clear()
+
+    async def infer(
+        self, model: LoadedModel, payloads: Sequence[object], decode: Decoder | None = None
+    ) -> FloatArray:
+        """Logits ``[len(payloads), classes]`` from ``model``; all images or none are queued.
+
+        ``payloads`` are encoded images that ``decode`` turns into tensors, or ready tensors
+        when ``decode`` is None. A payload that fails to decode raises :class:`ItemFailed`.
+        """
+        if self._closed:
+            raise BatcherClosed("the predictor is shutting down")
+        if len(self._pending) + len(payloads) > self.queue_size:
+            raise QueueFull(
+                f"{len(self._pending)} images are queued (limit {self.queue_size}); retry later"
+            )
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter()
+        items = [
+            _Item(model, p, decode, loop.create_future(), now, None if decode else cast(Any, p))
+            for p in payloads
+        ]
+        self._pending.extend(items)
+        # Wake the batcher only when it sleeps on an empty queue or a batch just filled up;
+        # waking it for every image would cost a loop iteration each.
+        if self._idle or len(self._pending) >= self.max_batch_size:
+            self._wakeup.set()
+        rows: list[FloatArray] = []
+        try:
+            for index, item in enumerate(items):
+                try:
+                    rows.append(await item.future)
+                except (InferenceFailed, BatcherClosed):
+                    raise
+                except Exception as exc:
+                    raise ItemFailed(index, exc) from exc
+        except BaseException:
+            for item in items:
+                if not item.future.done():
+                    item.future.cancel()  # timed out or failed: the batcher skips it
+                elif not item.future.cancelled():
+                    item.future.exception()  # mark retrieved: asyncio would log it at GC
+            raise
+        return np.stack(rows)
+
+    async def _run(self) -> None:
+        while True:
+            if not self._pending:
+                self._idle = True
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                self._idle = False
+            await self._wait_to_fill()
+            await self._slots.acquire()
+            batch = self._take()
+            if not batch:
+                self._slots.release()
+                continue
+            self._last_batch = len(batch)
+            task = asyncio.create_task(self._process(batch), name="batch")
+            self._in_flight[task] = batch
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(task, None)
+        self._slots.release()
+
+    async def _wait_to_fill(self) -> None:
+        """Until a batch is full or the oldest item's delay has passed.
+
+        Except for a lone image while nothing suggests concurrent traffic (the previous batch
+        was a single image and no batch is in flight): a client sending one request at a time
+        would otherwise pay the whole delay on every request, for a batch that never comes.
+        """
+        if self.max_delay_s <= 0 or len(self._pending) >= self.max_batch_size:
+            return
+        if len(self._pending) == 1 and self._last_batch <= 1 and not self._in_flight:
+            return
+        remaining = self._pending[0].enqueued + self.max_delay_s - time.perf_counter()
+        if remaining <= 0:
+            return
+        self._wakeup.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(remaining):
+                await self._wakeup.wait()
+
+    def _take(self) -> list[_Item]:
+        batch: list[_Item] = []
+        while self._pending and len(batch) < self.max_batch_size:
+            item = self._pending[0]
+            if item.future.done():  # its request gave up (timeout, disconnect)
+                self._pending.popleft()
+                continue
+            if batch and item.model is not batch[0].model:
+                break  # a hot reload happened between these two: next batch
+            batch.append(self._pending.popleft())
+        return batch
+
+    async def _decode(self, jobs: list[tuple[_Item, Decoder]]) -> None:
+        """Decode in the pool, one chunk per thread; failures go to their own futures."""
+        loop = asyncio.get_running_loop()
+        size = math.ceil(len(jobs) / self._decode_threads)
+        chunks = [jobs[i : i + size] for i in range(0, len(jobs), size)]
+        results = await asyncio.gather(
+            *(
+                loop.run_in_executor(
+                    self._decode_executor,
+                    _decode_chunk,
+                    [(decode, item.payload) for item, decode in chunk],
+                )
+                for chunk in chunks
+            )
+        )
+        for chunk, outcomes in zip(chunks, results, strict=True):
+            for (item, _), outcome in zip(chunk, outcomes, strict=True):
+                if isinstance(outcome, Exception):
+                    if not item.future.done():
+                        item.future.set_exception(outcome)
+                else:
+                    item.tensor = outcome
+
+    async def _process(self, batch: list[_Item]) -> None:
+        model = batch[0].model
+        start = time.perf_counter()
+        for item in batch:
+            self._metrics.queue_time.observe(start - item.enqueued)
+        jobs = [(item, item.decode) for item in batch if item.decode is not None]
+        if jobs:
+            await self._decode(jobs)
+        live: list[_Item] = []
+        tensors: list[FloatArray] = []
+        for item in batch:
+            if item.tensor is not None and not item.future.done():
+                live.append(item)
+                tensors.append(item.tensor)
+        if not live:
+            return
+        self._metrics.batch_size.observe(len(live))
+        loop = asyncio.get_running_loop()
+        try:
+            logits, seconds = await loop.run_in_executor(
+                self._infer_executor, _run_engine, model.engine, tensors
+            )
+        except Exception as exc:
+            logger.exception("inference failed for a batch of %d on v%d", len(live), model.number)
+            failure = InferenceFailed(f"inference failed on v{model.number}: {exc}")
+            for item in live:
+                if not item.future.done():
+                    item.future.set_exception(failure)
+            return
+        self._metrics.inference_time.observe(seconds)
+        for item, row in zip(live, logits, strict=True):
+            if not item.future.done():
+                item.future.set_result(row)

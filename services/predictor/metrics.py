@@ -1,0 +1,82 @@
+"""The predictor's Prometheus metrics (DESIGN.md "Metrics"), all in one per-app registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from services.common.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, http_metrics
+
+NAMESPACE = "predictor"
+
+
+@dataclass(frozen=True)
+class PredictorMetrics:
+    registry: CollectorRegistry
+    request_duration: Histogram
+    in_flight: Gauge
+    queue_time: Histogram
+    batch_size: Histogram
+    inference_time: Histogram
+    images: Counter
+    reloads: Counter
+    model_version: Gauge
+    queue_depth: Gauge
+
+    @classmethod
+    def create(cls) -> PredictorMetrics:
+        registry = CollectorRegistry()
+        duration, in_flight = http_metrics(registry, NAMESPACE)
+        return cls(
+            registry=registry,
+            request_duration=duration,
+            in_flight=in_flight,
+            queue_time=Histogram(
+                "queue_time_seconds",
+                "Time an image waited in the batcher's queue before its batch started.",
+                namespace=NAMESPACE,
+                registry=registry,
+                buckets=LATENCY_BUCKETS,
+            ),
+            batch_size=Histogram(
+                "batch_size",
+                "Images per inference call.",
+                namespace=NAMESPACE,
+                registry=registry,
+                buckets=BATCH_BUCKETS,
+            ),
+            inference_time=Histogram(
+                "inference_time_seconds",
+                "Time of one inference call (stacking the batch and running the engine).",
+                namespace=NAMESPACE,
+                registry=registry,
+                buckets=LATENCY_BUCKETS,
+            ),
+            images=Counter(
+                "images",
+                "Images classified, by route.",
+                ["route"],
+                namespace=NAMESPACE,
+                registry=registry,
+            ),
+            reloads=Counter(
+                "model_reloads",
+                "New versions seen by the hot reloader, by result (loaded or refused).",
+                ["result"],
+                namespace=NAMESPACE,
+                registry=registry,
+            ),
+            model_version=Gauge(
+                "model_version",
+                "Version being served (0 before the first load).",
+                namespace=NAMESPACE,
+                registry=registry,
+            ),
+            queue_depth=Gauge(
+                "queue_depth",
+                "Images waiting for a batch now.",
+                namespace=NAMESPACE,
+                registry=registry,
+            ),
+        )

@@ -1,0 +1,38 @@
+"""Settings of the local process stack (env prefix ``STACK_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class StackSettings(BaseSettings):
+    """Where the stack runs and how long it may take; each service keeps its own settings."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="STACK_", extra="forbid", validate_default=True, use_attribute_docstrings=True
+    )
+
+    run_dir: Path = Path("runs/stack")
+    """Supervisor config, sockets, logs and every service's run folder live here."""
+    repository: Path = Path("model_repository")
+    """Model repository served by every engine; trained and published first when empty."""
+    model: str = "classifier"
+    """Model name in the repository."""
+    gateway_port: int = Field(default=8000, ge=1, le=65535)
+    """The one port a user needs."""
+    prometheus_port: int = Field(default=9090, ge=1, le=65535)
+    """Prometheus web UI and HTTP API."""
+    prometheus_binary: Path = Path("/usr/bin/prometheus")
+    """Debian's prometheus package; installed with apt-get when absent (root only)."""
+    scrape_interval_s: int = Field(default=2, ge=1, le=300)
+    """How often Prometheus scrapes every /metrics endpoint."""
+    server_cpus: str = ""
+    """CPU list for `taskset -c` on every server process (e.g. "0" so a load generator can own
+    core 1 in benchmarks); empty means no pinning."""
+    ready_timeout_s: float = Field(default=420.0, gt=0)
+    """How long `up` waits for the gateway's /readyz to report every engine ready."""
+    stop_timeout_s: float = Field(default=60.0, gt=0)
+    """How long `down` waits for every process to exit before killing what is left."""

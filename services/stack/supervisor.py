@@ -1,0 +1,382 @@
+"""The local stack under supervisord: render its config, start, wait for readiness, stop.
+
+Supervisor (not honcho) because it restarts one crashed service and leaves the others alone.
+Every service runs in the foreground under it with its own run folder inside ``run_dir``;
+``down`` shuts supervisord down (each program's whole process group is signalled) and then
+checks that no process it started survives, killing any that does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+
+from services.common.repository import list_versions
+from services.stack.settings import StackSettings
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG_NAME = "supervisord.conf"
+PROGRAMS = ("predictor", "torchserve", "triton", "gateway", "prometheus")
+
+
+class StackError(RuntimeError):
+    """The stack could not be started or stopped; the message says what to look at."""
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str
+    command: str
+    environment: dict[str, str]
+    stop_wait_s: int = 30
+
+
+def _bin_dir() -> Path:
+    return Path(sys.executable).parent
+
+
+def _paths(settings: StackSettings) -> dict[str, Path]:
+    run = settings.run_dir.resolve()
+    return {
+        "run": run,
+        "logs": run / "logs",
+        "config": run / CONFIG_NAME,
+        "socket": run / "supervisor.sock",
+        "pidfile": run / "supervisord.pid",
+        "prometheus_config": run / "prometheus.yml",
+        "prometheus_data": run / "prometheus-data",
+    }
+
+
+def programs(settings: StackSettings) -> list[Program]:
+    """The five services, each configured through its own settings' environment variables."""
+    paths = _paths(settings)
+    repo = str(settings.repository.resolve())
+    python = sys.executable
+    pin = f"taskset -c {settings.server_cpus} " if settings.server_cpus else ""
+    torchserve_run = paths["run"] / "torchserve"
+    common = {
+        # The Triton python stub finds packages through the python3 first on PATH.
+        "PATH": f"{_bin_dir()}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        "LD_LIBRARY_PATH": str(sysconfig.get_config_var("LIBDIR") or ""),
+        "PYTHONUNBUFFERED": "1",
+    }
+    return [
+        Program(
+            "predictor",
+            f"{pin}{python} -m services.predictor",
+            common | {"PREDICTOR_REPOSITORY": repo, "PREDICTOR_MODEL": settings.model},
+        ),
+        Program(
+            "torchserve",
+            f"{pin}{python} -m services.torchserve up --foreground",
+            common
+            | {
+                "TORCHSERVE_REPOSITORY": repo,
+                "TORCHSERVE_MODEL": settings.model,
+                "TORCHSERVE_RUN_DIR": str(torchserve_run),
+            },
+            stop_wait_s=60,
+        ),
+        Program(
+            "triton",
+            f"{pin}{python} -m services.triton run",
+            common
+            | {
+                "TRITON_REPOSITORY": repo,
+                "TRITON_MODEL": settings.model,
+                "TRITON_RUN_DIR": str(paths["run"] / "triton"),
+            },
+            stop_wait_s=60,
+        ),
+        Program(
+            "gateway",
+            f"{pin}{python} -m services.gateway",
+            common
+            | {
+                "GATEWAY_PORT": str(settings.gateway_port),
+                "GATEWAY_MODEL": settings.model,
+                "GATEWAY_TORCHSERVE_KEY_FILE": str(torchserve_run / "key_file.json"),
+            },
+        ),
+        Program(
+            "prometheus",
+            f"{pin}{settings.prometheus_binary} --config.file={paths['prometheus_config']} "
+            f"--storage.tsdb.path={paths['prometheus_data']} "
+            f"--web.listen-address=127.0.0.1:{settings.prometheus_port} "
+            "--storage.tsdb.retention.time=2d",
+            {},
+        ),
+    ]
+
+
+def _env_line(environment: dict[str, str]) -> str:
+    return ",".join(f'{key}="{value}"' for key, value in environment.items())
+
+
+def render_supervisord(settings: StackSettings) -> str:
+    paths = _paths(settings)
+    sections = [
+        f"""[unix_http_server]
+file={paths["socket"]}
+chmod=0700
+
+[supervisord]
+logfile={paths["logs"] / "supervisord.log"}
+pidfile={paths["pidfile"]}
+childlogdir={paths["logs"]}
+directory={ROOT}
+identifier=image-serving-stack
+
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+
+[supervisorctl]
+serverurl=unix://{paths["socket"]}
+"""
+    ]
+    for program in programs(settings):
+        environment = (
+            f"environment={_env_line(program.environment)}\n" if program.environment else ""
+        )
+        sections.append(
+            f"""[program:{program.name}]
+command={program.command}
+directory={ROOT}
+{environment}autostart=true
+autorestart=true
+startsecs=3
+startretries=10
+stopsignal=TERM
+stopasgroup=true
+killasgroup=true
+stopwaitsecs={program.stop_wait_s}
+redirect_stderr=true
+stdout_logfile={paths["logs"] / (program.name + ".log")}
+stdout_logfile_maxbytes=20MB
+stdout_logfile_backups=2
+"""
+        )
+    return "\n".join(sections)
+
+
+def render_prometheus(settings: StackSettings) -> str:
+    from services.torchserve.config import TorchServeSettings
+    from services.triton.settings import TritonSettings
+
+    predictor_port = _predictor_port()
+    torchserve = TorchServeSettings()
+    triton = TritonSettings()
+    targets = {
+        "gateway": f"127.0.0.1:{settings.gateway_port}",
+        "predictor": f"127.0.0.1:{predictor_port}",
+        "torchserve": f"127.0.0.1:{torchserve.metrics_port}",
+        "triton": f"127.0.0.1:{triton.metrics_port}",
+        "prometheus": f"127.0.0.1:{settings.prometheus_port}",
+    }
+    jobs = "\n".join(
+        f"""  - job_name: {job}
+    static_configs:
+      - targets: ["{target}"]"""
+        for job, target in targets.items()
+    )
+    return f"""# Generated by services.stack for the local stack (compose: docker/prometheus.yml).
+global:
+  scrape_interval: {settings.scrape_interval_s}s
+  evaluation_interval: {settings.scrape_interval_s}s
+scrape_configs:
+{jobs}
+"""
+
+
+def _predictor_port() -> int:
+    from services.predictor.settings import PredictorSettings
+
+    return PredictorSettings().port
+
+
+def ensure_prometheus(settings: StackSettings) -> None:
+    """Debian's prometheus package, installed when absent (needs root and apt)."""
+    if settings.prometheus_binary.is_file():
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise StackError(
+            f"{settings.prometheus_binary} is missing: install Debian's prometheus package "
+            "(apt-get install prometheus) or set STACK_PROMETHEUS_BINARY"
+        )
+    logger.info("installing Debian's prometheus package (apt-get)")
+    env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
+    for command in (
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"],
+    ):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise StackError(f"{' '.join(command)} failed: {done.stderr.strip()[-500:]}")
+
+
+def ensure_model(settings: StackSettings) -> None:
+    """Train and publish first when the repository has no version of the model."""
+    if list_versions(settings.repository, settings.model):
+        return
+    logger.info(
+        "no published %s in %s: training and publishing first", settings.model, settings.repository
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "training",
+        "train-and-publish",
+        "--repo",
+        str(settings.repository),
+        "--model-name",
+        settings.model,
+    ]
+    if subprocess.run(command, cwd=ROOT, check=False).returncode != 0:
+        raise StackError("train-and-publish failed; see its output above")
+
+
+def supervisord_pid(settings: StackSettings) -> int | None:
+    pidfile = _paths(settings)["pidfile"]
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    try:
+        process = psutil.Process(pid)
+        if "supervisord" in " ".join(process.cmdline()):
+            return pid
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        pass
+    return None
+
+
+def supervisorctl(settings: StackSettings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(_bin_dir() / "supervisorctl"), "-c", str(_paths(settings)["config"]), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def readiness(settings: StackSettings) -> dict[str, object] | None:
+    """The gateway's /readyz body, or None while the gateway does not answer."""
+    try:
+        response = httpx.get(f"http://127.0.0.1:{settings.gateway_port}/readyz", timeout=3.0)
+        body: dict[str, object] = response.json()
+        body["_status"] = response.status_code
+        return body
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def all_engines_ready(body: dict[str, object] | None) -> bool:
+    if body is None or body.get("_status") != 200:
+        return False
+    engines = body.get("backends") or body.get("engines") or {}
+    if not isinstance(engines, dict) or not engines:
+        return False
+    return all(
+        (state.get("ready") if isinstance(state, dict) else state) is True
+        for state in engines.values()
+    )
+
+
+def up(settings: StackSettings) -> float:
+    """Start everything and wait until every engine is ready; return seconds to ready."""
+    started = time.monotonic()
+    if supervisord_pid(settings) is not None:
+        raise StackError(
+            f"the stack is already running (supervisord in {settings.run_dir}); `make down` first"
+        )
+    ensure_prometheus(settings)
+    ensure_model(settings)
+    paths = _paths(settings)
+    for folder in (paths["run"], paths["logs"], paths["prometheus_data"]):
+        folder.mkdir(parents=True, exist_ok=True)
+    paths["config"].write_text(render_supervisord(settings))
+    paths["prometheus_config"].write_text(render_prometheus(settings))
+    done = subprocess.run(
+        [str(_bin_dir() / "supervisord"), "-c", str(paths["config"])],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise StackError(f"supervisord did not start: {done.stderr.strip() or done.stdout.strip()}")
+    deadline = started + settings.ready_timeout_s
+    while time.monotonic() < deadline:
+        if all_engines_ready(readiness(settings)):
+            return time.monotonic() - started
+        time.sleep(1.0)
+    state = supervisorctl(settings, "status").stdout
+    raise StackError(
+        f"not ready after {settings.ready_timeout_s:.0f}s; supervisor says:\n{state}"
+        f"logs: {paths['logs']}"
+    )
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def stack_processes(settings: StackSettings) -> list[psutil.Process]:
+    """supervisord, its descendants, and any process whose command line names the run folder."""
+    run = str(_paths(settings)["run"])
+    found: dict[int, psutil.Process] = {}
+    pid = supervisord_pid(settings)
+    if pid is not None:
+        found.update((p.pid, p) for p in _descendants(pid))
+    for process in psutil.process_iter(["pid", "cmdline", "environ"]):
+        try:
+            cmdline = " ".join(process.info["cmdline"] or [])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if run in cmdline and process.pid != os.getpid():
+            found[process.pid] = process
+    return list(found.values())
+
+
+def down(settings: StackSettings) -> list[int]:
+    """Stop every service; return the pids that had to be killed (empty when all stopped)."""
+    before = stack_processes(settings)
+    if supervisord_pid(settings) is not None:
+        supervisorctl(settings, "shutdown")
+    _, alive = psutil.wait_procs(before, timeout=settings.stop_timeout_s)
+    alive += [p for p in stack_processes(settings) if p not in alive]
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(alive, timeout=10)
+    left = [p.pid for p in stack_processes(settings)]
+    if left:
+        raise StackError(f"processes survived `down`: {left}")
+    return [p.pid for p in alive]
+
+
+def urls(settings: StackSettings) -> dict[str, str]:
+    return {
+        "gateway": f"http://127.0.0.1:{settings.gateway_port}",
+        "docs": f"http://127.0.0.1:{settings.gateway_port}/docs",
+        "prometheus": f"http://127.0.0.1:{settings.prometheus_port}",
+    }

@@ -1,0 +1,177 @@
+"""Gateway logic with settings of each test's choosing: in-process gateways (lifespan on)
+in front of the real engines, plus one fake engine that stalls on purpose."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PublishedModel
+from tests.gateway.conftest import (
+    Engines,
+    StallingServer,
+    gateway_app,
+    isolated_settings,
+)
+from tests.predictor.conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def closed_port_url() -> str:
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens there
+
+
+async def test_a_stalling_engine_gives_504_within_its_timeout(
+    engines: Engines, published_model: PublishedModel, stalling_server: StallingServer
+) -> None:
+    timeout_s = 0.5
+    settings = engines.settings(
+        predictor_url=stalling_server.url,
+        predictor_timeout_s=timeout_s,
+        breaker_failures=2,
+        breaker_reset_s=300,
+    )
+    body = {"image": b64(published_model.images[0])}
+    async with gateway_app(settings) as (client, _):
+        for _ in range(2):
+            start = time.monotonic()
+            response = await client.post("/predict", json=body, timeout=60)
+            elapsed = time.monotonic() - start
+            assert response.status_code == 504, response.text
+            assert response.json()["code"] == "timeout"
+            assert set(response.json()) == {"error", "code"}
+            assert response.headers["X-Backend"] == "predictor"
+            # Not before the timeout, and long before the fake would have answered (it holds
+            # every request until the test ends).
+            assert elapsed >= timeout_s
+            assert not stalling_server.release.is_set()
+        assert stalling_server.predict_calls == 2  # a timeout is not retried
+        # Two timeouts opened the predictor's breaker: requests fail over at once now.
+        response = await client.post("/predict", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.json()["backend"] == "torchserve"
+        assert response.headers["X-Failover-From"] == "predictor"
+        assert stalling_server.predict_calls == 2
+        readiness = (await client.get("/readyz")).json()
+        assert readiness["backends"]["predictor"]["breaker"] == "open"
+        assert readiness["backends"]["predictor"]["ready"] is False
+        metrics = (await client.get("/metrics")).text
+        assert 'gateway_upstream_errors_total{backend="predictor",kind="timeout"} 2.0' in metrics
+
+
+async def test_without_failover_a_dead_engine_is_a_503(
+    engines: Engines, published_model: PublishedModel
+) -> None:
+    settings = engines.settings(predictor_url=closed_port_url(), failover=False)
+    async with gateway_app(settings) as (client, _):
+        response = await client.post("/predict", json={"image": b64(published_model.images[0])})
+        assert response.status_code == 503, response.text
+        assert response.json()["code"] == "no_backend_available"
+        assert "predictor" in response.json()["error"]
+        # The other engines still answer when asked for by name.
+        named = await client.post(
+            "/predict", params={"backend": "triton"}, json={"image": b64(published_model.images[0])}
+        )
+        assert named.status_code == 200
+        assert named.json()["backend"] == "triton"
+
+
+async def test_no_engine_at_all_is_a_503_and_not_ready() -> None:
+    settings = isolated_settings(
+        predictor_url=closed_port_url(),
+        torchserve_url=closed_port_url(),
+        torchserve_management_url=closed_port_url(),
+        torchserve_key_file=None,
+        triton_url=closed_port_url(),
+        connect_timeout_s=0.5,
+    )
+    async with gateway_app(settings) as (client, _):
+        readiness = await client.get("/readyz")
+        assert readiness.status_code == 503
+        assert readiness.json()["code"] == "not_ready"
+        assert all(not b["ready"] for b in readiness.json()["backends"].values())
+        response = await client.post("/predict", json={"image": b64(b"anything")})
+        assert response.status_code == 503
+        assert response.json()["code"] == "no_backend_available"
+        assert (await client.get("/healthz")).status_code == 200
+        compare = await client.post("/predict?backend=all", json={"image": b64(b"anything")})
+        assert compare.status_code == 503
+        assert compare.json()["agree"] is None
+
+
+async def test_a_request_to_an_engine_that_just_died_is_retried_elsewhere(
+    engines: Engines, published_model: PublishedModel
+) -> None:
+    """The readiness poll has not noticed yet: the refused connection itself fails over."""
+    settings = engines.settings(predictor_url=closed_port_url(), health_interval_s=3600)
+    async with gateway_app(settings) as (client, state):
+        guard = state.guards["predictor"]
+        guard.ready = True  # as if it was up at the last check
+        response = await client.post("/predict", json={"image": b64(published_model.images[0])})
+        assert response.status_code == 200, response.text
+        assert response.json()["backend"] == "torchserve"
+        assert guard.ready is False  # marked down by the failed call
+        metrics = (await client.get("/metrics")).text
+        assert 'gateway_upstream_errors_total{backend="predictor",kind="connect"} 1.0' in metrics
+
+
+async def test_weighted_split_sends_traffic_by_weight(
+    engines: Engines, published_model: PublishedModel
+) -> None:
+    settings = engines.settings(weights="torchserve=1,triton=3")
+    body = {"image": b64(published_model.images[0]), "top_k": 1}
+    served: Counter[str] = Counter()
+    async with gateway_app(settings) as (client, _):
+        for _ in range(60):
+            response = await client.post("/predict", json=body)
+            assert response.status_code == 200
+            served[response.json()["backend"]] += 1
+        # An explicit choice wins over the split.
+        explicit = await client.post("/predict", params={"backend": "predictor"}, json=body)
+        assert explicit.json()["backend"] == "predictor"
+    assert set(served) == {"torchserve", "triton"}  # never the unweighted default
+    # 60 draws at p = 3/4: fewer than 30 for triton has probability ~1e-5.
+    assert served["triton"] > 30
+
+
+async def test_api_key_when_configured(engines: Engines, published_model: PublishedModel) -> None:
+    settings = engines.settings(api_key="s3cret", api_key_header="X-Gateway-Key")
+    body = {"image": b64(published_model.images[0])}
+    async with gateway_app(settings) as (client, _):
+        missing = await client.post("/predict", json=body)
+        wrong = await client.post("/predict", json=body, headers={"X-Gateway-Key": "guess"})
+        right = await client.post("/predict", json=body, headers={"X-Gateway-Key": "s3cret"})
+        # Health and metrics stay open (probes and Prometheus carry no key).
+        assert (await client.get("/readyz")).status_code == 200
+    for response in (missing, wrong):
+        assert response.status_code == 401
+        assert response.json()["code"] == "unauthorized"
+    assert right.status_code == 200
+
+
+async def test_torchserve_keys_are_read_again_when_they_change(
+    engines: Engines, published_model: PublishedModel, tmp_path: Path
+) -> None:
+    """A stale inference key (TorchServe restarted) is read again once the file changes."""
+    real = engines.torchserve.settings.key_file
+    copy = tmp_path / "key_file.json"
+    copy.write_text(real.read_text().replace(engines.torchserve.keys.inference, "stale-key"))
+    settings = engines.settings(torchserve_key_file=str(copy), failover=False)
+    body = {"image": b64(published_model.images[0])}
+    async with gateway_app(settings) as (client, _):
+        stale = await client.post("/predict", params={"backend": "torchserve"}, json=body)
+        assert stale.status_code == 503  # refused: the key is wrong
+        assert stale.json()["code"] == "no_backend_available"
+        copy.write_text(real.read_text())  # TorchServe "wrote new keys"
+        fresh = await client.post("/predict", params={"backend": "torchserve"}, json=body)
+        assert fresh.status_code == 200, fresh.text
+        assert fresh.json()["backend"] == "torchserve"
