@@ -1,0 +1,53 @@
+"""The one `python -m services.<name>` entry point shared by the HTTP services.
+
+Reads the service's settings (``--settings`` prints their table), then runs its FastAPI app
+under uvicorn. A bad setting stops the process with pydantic's message and exit status 2; a
+failed start-up (no servable model, ...) is uvicorn's exit status 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+import uvicorn
+from fastapi import FastAPI
+from pydantic import ValidationError
+
+from services.common.settings import ServiceSettings, configure_logging, settings_table
+
+SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
+
+
+def serve(
+    name: str,
+    description: str,
+    settings_cls: type[SettingsT],
+    create_app: Callable[[SettingsT], FastAPI],
+    argv: list[str] | None = None,
+) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m services.{name}", description=description)
+    parser.add_argument(
+        "--settings", action="store_true", help="print the settings table (markdown) and exit"
+    )
+    args = parser.parse_args(argv)
+    if args.settings:
+        print(settings_table(settings_cls))  # noqa: T201 - a command-line answer
+        return 0
+    try:
+        settings = settings_cls()
+    except ValidationError as exc:
+        print(f"{name}: invalid settings:\n{exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        lifespan="on",
+    )
+    return 0
