@@ -57,11 +57,21 @@ class TritonPythonModel:
         if self.runtime == "onnxruntime":
             import onnxruntime as ort
 
-            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            # One intra-op thread, like the predictor: ORT's default pool pins a thread to every
+            # core, which escapes `taskset` and steals the load generator's core in benchmarks.
+            # Scale with TRITON_INSTANCE_COUNT instead.
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1
+            options.inter_op_num_threads = 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self.session = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
             self.session_input = self.session.get_inputs()[0].name
         else:
             import torch
 
+            torch.set_num_threads(1)  # as for ONNX Runtime above
             self.module = torch.jit.load(  # type: ignore[no-untyped-call]
                 str(path), map_location="cpu"
             ).eval()
