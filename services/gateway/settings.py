@@ -83,6 +83,10 @@ class GatewaySettings(ServiceSettings):
     """Time one readiness check may take before the engine counts as not ready."""
     max_connections: int = Field(default=64, ge=1)
     """Pooled keep-alive connections per engine."""
+    predictor_coalesce_calls: int = Field(default=2, ge=0, le=64)
+    """Calls to the predictor in flight at once before requests that arrive meanwhile are merged
+    into one `images` call (split back per request; a merged call refused for a bad image is
+    retried request by request); 0 sends every request on its own."""
 
     max_images: int = Field(default=64, ge=1, le=4096)
     """Most images in one request (the `images` list)."""

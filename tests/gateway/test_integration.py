@@ -373,3 +373,38 @@ def test_a_failed_over_answer_names_who_served_it(
         60,
         "the predictor back in the gateway's view",
     )
+
+
+def test_concurrent_predictor_requests_are_coalesced_and_split_back(
+    gateway: GatewayProcess, published_model: PublishedModel
+) -> None:
+    """Under concurrency the gateway merges predictor requests into `images` calls: each client
+    still gets exactly its own answer, and a bad image among them fails only its own request."""
+    images = published_model.images[:24]
+    expected = published_model.expected_top1[:24]
+    results: dict[int, httpx.Response] = {}
+    start = threading.Barrier(len(images) + 1)
+
+    def send(index: int) -> None:
+        body = {"image": b64(images[index]), "top_k": 1 + index % 2}  # two top_k groups
+        if index == 5:
+            body = {"image": b64(b"not an image at all")}
+        start.wait()
+        results[index] = post(gateway, body, "predictor")
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(images))]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(results) == len(images)
+    assert_error(results[5], 400, "not_an_image")
+    for index, response in results.items():
+        if index == 5:
+            continue
+        assert response.status_code == 200, response.text
+        assert response.headers["X-Backend"] == "predictor"
+        predictions = response.json()["predictions"]
+        assert len(predictions) == 1 + index % 2
+        assert top1(predictions) == expected[index], index
