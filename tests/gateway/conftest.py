@@ -39,8 +39,9 @@ from services.torchserve.launcher import Instance, down, up
 from services.triton.launcher import LocalTriton
 from tests.conftest import PublishedModel
 from tests.predictor.conftest import PredictorProcess, free_port, get_json
-from tests.torchserve.conftest import processes_naming, torchserve_settings
-from tests.triton.conftest import RunningTriton, processes_using, triton_settings
+from tests.processes import processes_naming
+from tests.torchserve.conftest import torchserve_settings
+from tests.triton.conftest import RunningTriton, triton_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 120.0
@@ -208,7 +209,7 @@ def engines(
         down(ts_settings)
         if triton_started.exception() is None:
             triton_started.result().launcher.stop()
-    left = processes_naming(ts_settings.run_path) + processes_using(triton_run)
+    left = processes_naming(ts_settings.run_path) + processes_naming(triton_run)
     assert not left, f"engine processes survived teardown: {left}"
 
 

@@ -15,7 +15,8 @@ import pytest
 from services.torchserve.config import TorchServeSettings
 from services.torchserve.launcher import read_keys
 from tests.conftest import PublishedModel
-from tests.torchserve.conftest import copy_repository, processes_naming, torchserve_settings
+from tests.processes import processes_naming
+from tests.torchserve.conftest import copy_repository, torchserve_settings
 from training.publish import publish_checkpoint
 
 pytestmark = pytest.mark.slow

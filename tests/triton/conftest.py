@@ -7,7 +7,6 @@ no tritonserver or python stub from that run folder is left.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,37 +16,7 @@ import pytest
 from services.triton.launcher import LocalTriton
 from services.triton.settings import TritonSettings
 from tests.conftest import PublishedModel
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports the kernel hands out now, held together so they differ from each other."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def processes_using(folder: Path) -> list[str]:
-    """Live processes whose command line names ``folder`` (tritonserver and its stubs do)."""
-    found = []
-    needle = str(folder).encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if needle in cmdline:  # a zombie has an empty command line and does not count
-            text = cmdline.replace(b"\0", b" ").decode(errors="replace")
-            found.append(f"{entry.name}: {text}")
-    return found
+from tests.processes import free_ports, processes_naming
 
 
 def triton_settings(published_model: PublishedModel, run_dir: Path) -> TritonSettings:
@@ -98,5 +67,5 @@ def triton(
         yield RunningTriton(settings, launcher, startup_s)
     finally:
         launcher.stop()
-    left = processes_using(run_dir)
+    left = processes_naming(run_dir)
     assert not left, f"processes left after stopping tritonserver: {left}"

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import PublishedModel
-from tests.triton.conftest import free_ports, processes_using
+from tests.processes import free_ports, processes_naming
 
 pytestmark = pytest.mark.slow
 
@@ -55,11 +55,11 @@ def test_up_status_down_leaves_no_process(published_model: PublishedModel, tmp_p
         assert status.returncode == 0 and "ready=True" in status.stdout
         again = cli("up", env)
         assert again.returncode == 0 and "already running" in again.stdout
-        assert processes_using(run_dir)  # the server and its python stubs
+        assert processes_naming(run_dir)  # the server and its python stubs
     finally:
         down = cli("down", env)
     assert down.returncode == 0 and "stopped" in down.stdout, down.stderr
-    assert processes_using(run_dir) == []
+    assert processes_naming(run_dir) == []
     assert cli("status", env).returncode == 3
     assert cli("down", env).stdout.strip() == "tritonserver was not running"
 
@@ -78,4 +78,4 @@ def test_up_fails_clearly_without_a_published_model(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "no published version" in result.stderr
     assert "Traceback" not in result.stderr
-    assert processes_using(tmp_path) == []
+    assert processes_naming(tmp_path) == []
