@@ -51,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
                 print("stack is not running")
                 return 3
             print(supervisorctl(settings, "status").stdout.rstrip())
-            print(json.dumps(readiness(settings), indent=2))
+            answer = readiness(settings)
+            print(
+                "gateway /readyz: no answer" if answer is None else json.dumps(answer[1], indent=2)
+            )
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

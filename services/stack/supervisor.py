@@ -272,27 +272,23 @@ def supervisorctl(settings: StackSettings, *args: str) -> subprocess.CompletedPr
     )
 
 
-def readiness(settings: StackSettings) -> dict[str, object] | None:
-    """The gateway's /readyz body, or None while the gateway does not answer."""
+def readiness(settings: StackSettings) -> tuple[int, dict[str, object]] | None:
+    """The gateway's /readyz status and body, or None while the gateway does not answer."""
     try:
         response = httpx.get(f"http://127.0.0.1:{settings.gateway_port}/readyz", timeout=3.0)
         body: dict[str, object] = response.json()
-        body["_status"] = response.status_code
-        return body
     except (httpx.HTTPError, ValueError):
         return None
+    return response.status_code, body
 
 
-def all_engines_ready(body: dict[str, object] | None) -> bool:
-    if body is None or body.get("_status") != 200:
+def all_engines_ready(answer: tuple[int, dict[str, object]] | None) -> bool:
+    if answer is None or answer[0] != 200:
         return False
-    engines = body.get("backends") or body.get("engines") or {}
+    engines = answer[1].get("backends")
     if not isinstance(engines, dict) or not engines:
         return False
-    return all(
-        (state.get("ready") if isinstance(state, dict) else state) is True
-        for state in engines.values()
-    )
+    return all(isinstance(state, dict) and state.get("ready") is True for state in engines.values())
 
 
 def up(settings: StackSettings) -> float:
