@@ -22,12 +22,8 @@ import asyncio
 import base64
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,8 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from services.predictor.bench import Server as PredictorServer
-from services.predictor.bench import closed_loop, digit_pngs, http_request
+from services.predictor.bench import (
+    PinnedService,
+    closed_loop,
+    cpu_seconds,
+    digit_pngs,
+    http_request,
+    start_predictor,
+)
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 TARGET_ADDED_P50_MS = 1.0
@@ -54,55 +56,20 @@ def core_busy_seconds(cpu: int) -> float:
     raise ValueError(f"cpu{cpu} not in /proc/stat")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-class GatewayServer:
-    """``python -m services.gateway`` pinned to ``cpu``, forwarding to the predictor only."""
-
-    def __init__(self, predictor_port: int, cpu: int, port: int) -> None:
-        self.port = port
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-        env.update(
-            GATEWAY_PORT=str(port),
-            GATEWAY_BACKENDS="predictor",
-            GATEWAY_DEFAULT_BACKEND="predictor",
-            GATEWAY_PREDICTOR_URL=f"http://127.0.0.1:{predictor_port}",
-            GATEWAY_LOG_LEVEL="warning",
-        )
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.gateway"],
-            env=env,
-            start_new_session=True,
-            preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
-        )
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"the gateway exited with {self.process.returncode}")
-            try:
-                url = f"http://127.0.0.1:{self.port}/readyz"
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (OSError, urllib.error.URLError):
-                pass  # not listening yet, or the predictor not seen yet
-            time.sleep(0.1)
-        raise SystemExit("the gateway did not become ready")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+def start_gateway(predictor_port: int, cpu: int, port: int) -> PinnedService:
+    """The gateway pinned to ``cpu``, forwarding to the predictor only."""
+    return PinnedService(
+        "gateway",
+        {
+            "GATEWAY_PORT": str(port),
+            "GATEWAY_BACKENDS": "predictor",
+            "GATEWAY_DEFAULT_BACKEND": "predictor",
+            "GATEWAY_PREDICTOR_URL": f"http://127.0.0.1:{predictor_port}",
+            "GATEWAY_LOG_LEVEL": "warning",
+        },
+        cpu,
+        port,
+    )
 
 
 @dataclass
@@ -268,15 +235,15 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps({"image": base64.b64encode(png).decode(), "top_k": 1}).encode()
         for png in digit_pngs(16)
     ]
-    predictor = PredictorServer(
+    predictor = start_predictor(
         args.repo, args.engine, args.server_cpu, max_batch_size=32, port=args.predictor_port
     )
-    gateway: GatewayServer | None = None
+    gateway: PinnedService | None = None
     cells: list[Cell] = []
     try:
         predictor.wait_ready()
-        gateway = GatewayServer(args.predictor_port, args.server_cpu, args.gateway_port)
-        gateway.wait_ready()
+        gateway = start_gateway(args.predictor_port, args.server_cpu, args.gateway_port)
+        gateway.wait_ready(timeout=60.0)
         pids = {"predictor": predictor.process.pid, "gateway": gateway.process.pid}
         cores = {"server core": args.server_cpu, "client core": args.client_cpu}
         for concurrency in args.concurrency:

@@ -118,7 +118,8 @@ async def closed_loop(
     return latencies, errors, seconds
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
 
@@ -132,22 +133,18 @@ def _run_loop(coro: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(coro)
 
 
-class Server:
-    def __init__(self, repo: Path, engine: str, cpu: int, max_batch_size: int, port: int) -> None:
+class PinnedService:
+    """``python -m services.<name>`` pinned to one CPU, configured only by ``env`` (the caller's
+    own ``<NAME>_*`` variables are dropped); ready once its ``/readyz`` answers 200."""
+
+    def __init__(self, name: str, env: dict[str, str], cpu: int, port: int) -> None:
+        self.name = name
         self.port = port
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREDICTOR_")}
-        env.update(
-            PREDICTOR_REPOSITORY=str(repo),
-            PREDICTOR_PORT=str(port),
-            PREDICTOR_ENGINE=engine,
-            PREDICTOR_MAX_BATCH_SIZE=str(max_batch_size),
-            PREDICTOR_POLL_INTERVAL_S="0",
-            PREDICTOR_LOG_LEVEL="warning",
-            PREDICTOR_DEVICE="cpu",
-        )
+        prefix = f"{name.upper()}_"
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(prefix)}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.predictor"],
-            env=env,
+            [sys.executable, "-m", f"services.{name}"],
+            env=inherited | env,
             start_new_session=True,
             preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
         )
@@ -156,17 +153,16 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise SystemExit(f"the predictor exited with {self.process.returncode}")
+                raise SystemExit(f"the {self.name} exited with {self.process.returncode}")
             try:
-                with urllib.request.urlopen(
-                    f"http://127.0.0.1:{self.port}/readyz", timeout=2
-                ) as response:
+                url = f"http://127.0.0.1:{self.port}/readyz"
+                with urllib.request.urlopen(url, timeout=2) as response:
                     if response.status == 200:
                         return
             except (OSError, urllib.error.URLError):
-                pass
+                pass  # not listening yet (or, for the gateway, no engine seen yet)
             time.sleep(0.1)
-        raise SystemExit("the predictor did not become ready")
+        raise SystemExit(f"the {self.name} did not become ready")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -178,8 +174,27 @@ class Server:
                 self.process.wait()
 
 
+def start_predictor(
+    repo: Path, engine: str, cpu: int, max_batch_size: int, port: int
+) -> PinnedService:
+    return PinnedService(
+        "predictor",
+        {
+            "PREDICTOR_REPOSITORY": str(repo),
+            "PREDICTOR_PORT": str(port),
+            "PREDICTOR_ENGINE": engine,
+            "PREDICTOR_MAX_BATCH_SIZE": str(max_batch_size),
+            "PREDICTOR_POLL_INTERVAL_S": "0",
+            "PREDICTOR_LOG_LEVEL": "warning",
+            "PREDICTOR_DEVICE": "cpu",
+        },
+        cpu,
+        port,
+    )
+
+
 def measure(
-    server: Server,
+    server: PinnedService,
     endpoint: str,
     batching: str,
     bodies: list[bytes],
@@ -188,14 +203,14 @@ def measure(
     seconds: float,
 ) -> Result:
     requests = [http_request(endpoint, body, server.port) for body in bodies]
-    server_cpu0 = _cpu_seconds(server.process.pid)
+    server_cpu0 = cpu_seconds(server.process.pid)
     client_cpu0 = time.process_time()
     wall0 = time.perf_counter()
     latencies, errors, window = _run_loop(
         closed_loop(server.port, requests, concurrency, warmup_s, seconds)
     )
     wall = time.perf_counter() - wall0
-    server_seconds = _cpu_seconds(server.process.pid) - server_cpu0
+    server_seconds = cpu_seconds(server.process.pid) - server_cpu0
     server_cpu = server_seconds / wall
     client_cpu = (time.process_time() - client_cpu0) / wall
     ms = np.asarray(latencies) * 1000.0
@@ -273,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     results: list[Result] = []
     for batching, max_batch in (("on", args.max_batch_size), ("off", 1)):
-        server = Server(args.repo, args.engine, args.server_cpu, max_batch, args.port)
+        server = start_predictor(args.repo, args.engine, args.server_cpu, max_batch, args.port)
         try:
             server.wait_ready()
             endpoints = ["/predict", "/noop"] if batching == "on" else ["/predict"]
