@@ -5,6 +5,13 @@ takes up to ``max_batch_size`` items; a batch starts when it is full or when its
 waited ``max_delay`` (Triton's ``max_queue_delay`` semantics), whichever comes first. Under load
 no time is spent waiting at all: while one batch runs, the next one fills up.
 
+The delay exists to gather single images from concurrent callers, so two kinds of work never
+wait for it: a lone image while nothing suggests concurrent traffic, and a request that brings
+several images. That request was batched by its sender (the gateway coalesces its concurrent
+callers into one such call and has nothing more to send until it returns), so holding it back
+would only leave the CPU idle; it runs as soon as a batch slot is free, together with whatever
+else is queued by then.
+
 A batch is then processed off the event loop in two steps: its encoded images are decoded in
 the decode pool (split into one chunk per decode thread), and the tensors go through the
 engine in the single inference thread. Decoding per batch rather than per request matters on a
@@ -72,6 +79,7 @@ class _Item:
     decode: Decoder | None  # None: the payload already is the tensor
     future: asyncio.Future[FloatArray]
     enqueued: float
+    prebatched: bool  # its request brought several images: it never waits for the delay
     tensor: FloatArray | None = None
 
 
@@ -112,6 +120,7 @@ class DynamicBatcher:
         self.max_delay_s = max_delay_s
         self.queue_size = queue_size
         self._pending: deque[_Item] = deque()
+        self._prebatched_pending = 0  # items of `_pending` whose request brought several images
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(IN_FLIGHT_BATCHES)
         self._idle = True
@@ -146,6 +155,7 @@ class DynamicBatcher:
             if not item.future.done():
                 item.future.set_exception(BatcherClosed("the predictor is shutting down"))
         self._pending.clear()
+        self._prebatched_pending = 0
         self._in_flight.clear()
 
     async def infer(
@@ -164,14 +174,26 @@ class DynamicBatcher:
             )
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
+        prebatched = len(payloads) > 1
         items = [
-            _Item(model, p, decode, loop.create_future(), now, None if decode else cast(Any, p))
+            _Item(
+                model,
+                p,
+                decode,
+                loop.create_future(),
+                now,
+                prebatched,
+                None if decode else cast(Any, p),
+            )
             for p in payloads
         ]
         self._pending.extend(items)
-        # Wake the batcher only when it sleeps on an empty queue or a batch just filled up;
-        # waking it for every image would cost a loop iteration each.
-        if self._idle or len(self._pending) >= self.max_batch_size:
+        if prebatched:
+            self._prebatched_pending += len(items)
+        # Wake the batcher only when it sleeps on an empty queue, a batch just filled up or a
+        # batch that must not wait arrived; waking it for every image would cost a loop
+        # iteration each.
+        if self._idle or prebatched or len(self._pending) >= self.max_batch_size:
             self._wakeup.set()
         rows: list[FloatArray] = []
         try:
@@ -213,35 +235,45 @@ class DynamicBatcher:
         self._in_flight.pop(task, None)
         self._slots.release()
 
-    async def _wait_to_fill(self) -> None:
-        """Until a batch is full or the oldest item's delay has passed.
+    def _must_wait(self) -> bool:
+        """Whether the pending images should wait for more to join their batch.
 
-        Except for a lone image while nothing suggests concurrent traffic (the previous batch
-        was a single image and no batch is in flight): a client sending one request at a time
-        would otherwise pay the whole delay on every request, for a batch that never comes.
+        Not when the batch is full, nor when a request that brought several images is queued
+        (see the module docstring), nor for a lone image while nothing suggests concurrent
+        traffic (the previous batch was a single image and no batch is in flight): a client
+        sending one request at a time would otherwise pay the whole delay on every request,
+        for a batch that never comes.
         """
-        if self.max_delay_s <= 0 or len(self._pending) >= self.max_batch_size:
+        if len(self._pending) >= self.max_batch_size or self._prebatched_pending:
+            return False
+        return not (len(self._pending) == 1 and self._last_batch <= 1 and not self._in_flight)
+
+    async def _wait_to_fill(self) -> None:
+        """Until a batch is full, the oldest item's delay has passed, or waiting is pointless."""
+        if self.max_delay_s <= 0 or not self._pending:
             return
-        if len(self._pending) == 1 and self._last_batch <= 1 and not self._in_flight:
-            return
-        remaining = self._pending[0].enqueued + self.max_delay_s - time.perf_counter()
-        if remaining <= 0:
-            return
-        self._wakeup.clear()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(remaining):
-                await self._wakeup.wait()
+        deadline = self._pending[0].enqueued + self.max_delay_s
+        while self._pending and self._must_wait():
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                return
 
     def _take(self) -> list[_Item]:
         batch: list[_Item] = []
         while self._pending and len(batch) < self.max_batch_size:
             item = self._pending[0]
-            if item.future.done():  # its request gave up (timeout, disconnect)
-                self._pending.popleft()
-                continue
-            if batch and item.model is not batch[0].model:
+            if batch and item.model is not batch[0].model and not item.future.done():
                 break  # a hot reload happened between these two: next batch
-            batch.append(self._pending.popleft())
+            self._pending.popleft()
+            self._prebatched_pending -= item.prebatched
+            if not item.future.done():  # else its request gave up (timeout, disconnect)
+                batch.append(item)
         return batch
 
     async def _decode(self, jobs: list[tuple[_Item, Decoder]]) -> None:
