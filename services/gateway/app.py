@@ -41,6 +41,7 @@ from services.common.errors import (
     UnsupportedMediaType,
     install_error_handlers,
 )
+from services.common.heap import freeze_startup_heap
 from services.common.http import BodySizeLimit
 from services.common.imaging import ImageDecodeError, decode_base64
 from services.common.metrics import RequestMetrics, metrics_response
@@ -225,6 +226,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             )
             state.tasks.append(asyncio.create_task(state.poll_forever(), name="health-poller"))
             app.state.gateway = state
+            freeze_startup_heap()
             yield
         finally:
             for task in state.tasks:

@@ -27,6 +27,7 @@ from services.common.errors import (
     UnsupportedMediaType,
     install_error_handlers,
 )
+from services.common.heap import freeze_startup_heap
 from services.common.http import BodySizeLimit
 from services.common.imaging import (
     InputSpec,
@@ -160,6 +161,7 @@ def create_app(settings: PredictorSettings | None = None, loader: Loader | None 
                     )
                 )
             app.state.predictor = state
+            freeze_startup_heap()
             state.ready = True
             logger.info(
                 "ready: %s v%d on %s (%s), max batch %d, delay %gms",

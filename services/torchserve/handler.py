@@ -40,6 +40,7 @@ from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
 from services.common import imaging
+from services.common.heap import freeze_startup_heap
 from services.common.imaging import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
@@ -208,6 +209,7 @@ class ImageClassifierHandler(BaseHandler):  # type: ignore[misc]  # ts ships no 
         )
         self.model.eval()
         self._warm_up()
+        freeze_startup_heap()
         self.initialized = True
         logger.info(
             "loaded %s v%s on %s (imaging from %s)",

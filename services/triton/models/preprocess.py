@@ -14,6 +14,7 @@ are unaffected. Raising from ``execute`` instead would fail the whole batch.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import sys
@@ -59,6 +60,10 @@ class TritonPythonModel:
             f"preprocess v{args['model_version']}: {self.spec.shape} "
             f"mean={self.spec.mean} std={self.spec.std} max_pixels={self.max_pixels}"
         )
+        # Exempt what initialize loaded from every later garbage collection (the stub runs
+        # apart from the services package; why: services/common/heap.py).
+        gc.collect()
+        gc.freeze()
 
     def _preprocess(self, request: Any) -> Any:
         images = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()

@@ -1,0 +1,35 @@
+"""Keep Python's cyclic garbage collector away from what a service loaded at startup.
+
+Importing torch, onnxruntime and FastAPI and loading a model leaves 80,000 (gateway) to
+220,000 (predictor) objects that live as long as the process. Each full collection walks all of
+them: measured here, 40 ms in the gateway and 100-130 ms in the predictor, about once a second
+under load, with the event loop stopped meanwhile. Every request in flight waited for it: the
+predictor's p99 at concurrency 32 was 120-150 ms against a p50 of 17 ms.
+
+:func:`freeze_startup_heap` moves the objects alive now into the permanent generation
+(:func:`gc.freeze`), which collections never scan; objects made later are collected as
+before. Call it once the service is loaded and warm, just before it starts serving: the
+predictor's and the gateway's lifespans and the TorchServe handler's ``initialize`` do; the
+Triton python models, which run apart from this package, make the same two calls themselves.
+A hot-reloaded model's objects are not frozen; they are few next to the libraries'.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+
+logger = logging.getLogger(__name__)
+
+
+def freeze_startup_heap() -> None:
+    """Collect the startup garbage, then exempt every surviving object from future scans."""
+    start = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    logger.debug(
+        "froze %d startup objects in %.0f ms",
+        gc.get_freeze_count(),
+        (time.perf_counter() - start) * 1000,
+    )
