@@ -9,12 +9,23 @@ whole JSON documents anyway, so nothing streams past this point.
 
 from __future__ import annotations
 
+from fastapi.telemetry import TelemetryConfig
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.errors import error_response
 
 #: Default body limit: a few large photos in base64 fit, an accidental upload of a video does not.
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+
+#: ``FastAPI(telemetry=...)`` for every service: FastAPI's built-in OpenTelemetry hooks look up
+#: the global providers on every request, and the services report through Prometheus
+#: (``/metrics``) instead.
+NO_FASTAPI_TELEMETRY: TelemetryConfig = {
+    "tracing": False,
+    "metrics": False,
+    "logs": False,
+    "operation_spans": False,
+}
 
 
 class BodySizeLimit:

@@ -42,7 +42,7 @@ from services.common.errors import (
     install_error_handlers,
 )
 from services.common.heap import freeze_startup_heap
-from services.common.http import BodySizeLimit
+from services.common.http import NO_FASTAPI_TELEMETRY, BodySizeLimit
 from services.common.imaging import ImageDecodeError, decode_base64
 from services.common.metrics import RequestMetrics, metrics_response
 from services.common.schemas import ErrorResponse, PredictRequest, PredictResponse
@@ -239,9 +239,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         summary="One /predict in front of three engines: the FastAPI predictor, TorchServe and "
         "Triton, with routing, failover, timeouts and metrics.",
         lifespan=lifespan,
-        # FastAPI's built-in OpenTelemetry hooks look up the global providers on every
-        # request; the gateway reports through Prometheus (/metrics) instead.
-        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
+        telemetry=NO_FASTAPI_TELEMETRY,
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)

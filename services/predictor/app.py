@@ -28,7 +28,7 @@ from services.common.errors import (
     install_error_handlers,
 )
 from services.common.heap import freeze_startup_heap
-from services.common.http import BodySizeLimit
+from services.common.http import NO_FASTAPI_TELEMETRY, BodySizeLimit
 from services.common.imaging import (
     InputSpec,
     decode_and_preprocess,
@@ -188,6 +188,7 @@ def create_app(settings: PredictorSettings | None = None, loader: Loader | None 
         version=SERVER_VERSION,
         summary="Image classifier on TorchScript or ONNX Runtime with dynamic batching.",
         lifespan=lifespan,
+        telemetry=NO_FASTAPI_TELEMETRY,
     )
     app.state.settings = settings
     install_error_handlers(app)
