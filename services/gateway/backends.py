@@ -289,7 +289,9 @@ class PredictorBackend(HttpBackend):
     Up to `predictor_coalesce_calls` calls go out at once; requests that arrive while they are
     busy wait and leave together as one `images` call when one returns (no added delay when
     the predictor keeps up). That spends the predictor's per-request HTTP work once per batch
-    instead of once per image, which is what a gateway in front of it otherwise costs.
+    instead of once per image, which is what a gateway in front of it otherwise costs. The
+    `images` form also tells the predictor not to hold the call back for its batching delay:
+    the gateway has nothing more to send until a call returns.
     """
 
     name: BackendName = "predictor"
@@ -385,22 +387,20 @@ class PredictorBackend(HttpBackend):
             self._start_next()
 
     async def _call(self, images: Sequence[EncodedImage], top_k: int, request_id: str) -> Answer:
-        single = len(images) == 1
-        body: dict[str, Any] = (
-            {"image": images[0].text} if single else {"images": [i.text for i in images]}
-        )
-        body["top_k"] = top_k
+        # Always the `images` form, even for one image: it tells the predictor that this call
+        # is a batch already, so it does not hold it back waiting for other requests (the
+        # gateway's other callers are queued here until a call returns).
+        body = {"images": [i.text for i in images], "top_k": top_k}
         headers = {"content-type": "application/json", "x-request-id": request_id}
         reply = await self._send("POST", self.predict_url, orjson.dumps(body), headers)
         if reply.status != 200:
             raise status_error(self.name, reply)
         try:
             answer = reply.json()
-            predictions = answer["predictions"]
             return Answer(
                 model=str(answer["model"]),
                 version=str(answer["version"]),
-                predictions=[predictions] if single else predictions,
+                predictions=answer["predictions"],
             )
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
             raise _malformed(self.name, exc) from None

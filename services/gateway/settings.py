@@ -83,10 +83,12 @@ class GatewaySettings(ServiceSettings):
     """Time one readiness check may take before the engine counts as not ready."""
     max_connections: int = Field(default=64, ge=1)
     """Pooled keep-alive connections per engine."""
-    predictor_coalesce_calls: int = Field(default=2, ge=0, le=64)
+    predictor_coalesce_calls: int = Field(default=1, ge=0, le=64)
     """Calls to the predictor in flight at once before requests that arrive meanwhile are merged
     into one `images` call (split back per request; a merged call refused for a bad image is
-    retried request by request); 0 sends every request on its own."""
+    retried request by request); 0 sends every request on its own. With 1 the gateway is the
+    batcher and calls carry the most images; 2 lets a predictor with spare cores decode one call
+    while its engine runs the other."""
 
     max_images: int = Field(default=64, ge=1, le=4096)
     """Most images in one request (the `images` list)."""

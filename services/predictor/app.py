@@ -227,7 +227,9 @@ def create_app(settings: PredictorSettings | None = None, loader: Loader | None 
         model = state.model()
         decode = functools.partial(_decode, spec=model.spec, max_pixels=settings.max_pixels)
         async with state.deadline():
-            logits = await state.classify(model, images, decode)
+            # The `images` form is a batch its caller formed (the gateway's merged calls):
+            # it does not wait for other requests to join it.
+            logits = await state.classify(model, images, decode, prebatched=body.images is not None)
         metrics.images.labels("predict").inc(len(images))
         predictions = top_k_predictions(logits, model.labels, body.top_k)
         payload = {

@@ -6,11 +6,11 @@ waited ``max_delay`` (Triton's ``max_queue_delay`` semantics), whichever comes f
 no time is spent waiting at all: while one batch runs, the next one fills up.
 
 The delay exists to gather single images from concurrent callers, so two kinds of work never
-wait for it: a lone image while nothing suggests concurrent traffic, and a request that brings
-several images. That request was batched by its sender (the gateway coalesces its concurrent
-callers into one such call and has nothing more to send until it returns), so holding it back
-would only leave the CPU idle; it runs as soon as a batch slot is free, together with whatever
-else is queued by then.
+wait for it: a lone image while nothing suggests concurrent traffic, and a *prebatched* request,
+one whose images the caller already gathered into a batch (the ``images`` form of ``/predict``,
+a v2 tensor of several images). The gateway coalesces its concurrent callers into such calls and
+has nothing more to send until one returns, so holding them back would only leave the CPU
+idle; they run as soon as a batch slot is free, together with whatever else is queued by then.
 
 A batch is then processed off the event loop in two steps: its encoded images are decoded in
 the decode pool (split into one chunk per decode thread), and the tensors go through the
@@ -79,7 +79,7 @@ class _Item:
     decode: Decoder | None  # None: the payload already is the tensor
     future: asyncio.Future[FloatArray]
     enqueued: float
-    prebatched: bool  # its request brought several images: it never waits for the delay
+    prebatched: bool  # its caller batched it already: it never waits for the delay
     tensor: FloatArray | None = None
 
 
@@ -120,7 +120,7 @@ class DynamicBatcher:
         self.max_delay_s = max_delay_s
         self.queue_size = queue_size
         self._pending: deque[_Item] = deque()
-        self._prebatched_pending = 0  # items of `_pending` whose request brought several images
+        self._prebatched_pending = 0  # prebatched items in `_pending`
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(IN_FLIGHT_BATCHES)
         self._idle = True
@@ -159,12 +159,18 @@ class DynamicBatcher:
         self._in_flight.clear()
 
     async def infer(
-        self, model: LoadedModel, payloads: Sequence[object], decode: Decoder | None = None
+        self,
+        model: LoadedModel,
+        payloads: Sequence[object],
+        decode: Decoder | None = None,
+        prebatched: bool = False,
     ) -> FloatArray:
         """Logits ``[len(payloads), classes]`` from ``model``; all images or none are queued.
 
         ``payloads`` are encoded images that ``decode`` turns into tensors, or ready tensors
-        when ``decode`` is None. A payload that fails to decode raises :class:`ItemFailed`.
+        when ``decode`` is None. ``prebatched``: the caller gathered them into a batch itself,
+        so they do not wait for others (see the module docstring). A payload that fails to
+        decode raises :class:`ItemFailed`.
         """
         if self._closed:
             raise BatcherClosed("the predictor is shutting down")
@@ -174,7 +180,6 @@ class DynamicBatcher:
             )
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
-        prebatched = len(payloads) > 1
         items = [
             _Item(
                 model,
@@ -238,8 +243,8 @@ class DynamicBatcher:
     def _must_wait(self) -> bool:
         """Whether the pending images should wait for more to join their batch.
 
-        Not when the batch is full, nor when a request that brought several images is queued
-        (see the module docstring), nor for a lone image while nothing suggests concurrent
+        Not when the batch is full, nor when a prebatched request is queued (see the module
+        docstring), nor for a lone image while nothing suggests concurrent
         traffic (the previous batch was a single image and no batch is in flight): a client
         sending one request at a time would otherwise pay the whole delay on every request,
         for a batch that never comes.

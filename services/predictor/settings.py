@@ -51,8 +51,9 @@ class PredictorSettings(ServiceSettings):
     """Most images in one inference call; 1 turns dynamic batching off."""
     max_delay_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
     """How long the oldest queued image may wait for a batch to fill before it runs anyway
-    (not applied to a lone image when the previous batch was a single image too, nor while a
-    request that brings several images, such as the gateway's merged calls, is queued)."""
+    (not applied to a lone image when the previous batch was a single image too, nor while an
+    `images` request, such as the gateway's calls, or a v2 tensor of several images is
+    queued: its caller formed that batch)."""
     queue_size: int = Field(default=1024, ge=1)
     """Images waiting for inference before new requests get 503 with Retry-After."""
     retry_after_s: int = Field(default=1, ge=0)

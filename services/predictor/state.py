@@ -69,6 +69,7 @@ class PredictorState:
         payloads: Sequence[object],
         decode: Decoder | None = None,
         what: str = "images",
+        prebatched: bool = False,
     ) -> FloatArray:
         """Logits through the batcher, its failures translated to HTTP errors.
 
@@ -76,7 +77,7 @@ class PredictorState:
         request had several); anything else that fails an item is re-raised as it is.
         """
         try:
-            return await self.batcher.infer(model, payloads, decode)
+            return await self.batcher.infer(model, payloads, decode, prebatched)
         except ItemFailed as failed:
             if isinstance(failed.error, ImageDecodeError):
                 where = f"{what}[{failed.index}]: " if len(payloads) > 1 else ""

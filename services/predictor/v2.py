@@ -354,7 +354,8 @@ async def _infer(
             model.output_name,
             state.settings.max_images,
         )
-        logits = await state.classify(model, list(parsed.tensor))
+        tensors = list(parsed.tensor)
+        logits = await state.classify(model, tensors, prebatched=len(tensors) > 1)
     state.metrics.images.labels("v2_infer").inc(len(logits))
     return encode_infer(model, parsed, logits)
 

@@ -210,10 +210,10 @@ async def test_manager_refuses_a_failing_version_and_keeps_the_old(
 async def test_delay_is_skipped_for_a_lone_request_a_full_batch_and_a_prebatched_request(
     published_model: PublishedModel,
 ) -> None:
-    """With a one-minute max delay, a lone request, a full batch and a request that brings
-    several images are still answered at once (the test's own timeout is shorter than the
-    delay): the delay only ever waits for concurrent single images that can join a batch.
-    A single image that is waiting goes along when a several-image request arrives."""
+    """With a one-minute max delay, a lone request, a full batch and a prebatched request (one
+    its caller batched: the `images` form) are still answered at once (the test's own timeout
+    is shorter than the delay): the delay only ever waits for concurrent single images that
+    can join a batch. A single image that is waiting goes along when a prebatched one arrives."""
     engine = GatedEngine()
     engine.release.set()
     model = _model(published_model, engine)
@@ -233,17 +233,20 @@ async def test_delay_is_skipped_for_a_lone_request_a_full_batch_and_a_prebatched
             async with asyncio.timeout(WAIT_S):
                 assert (await batcher.infer(model, [tensor])).shape == (1, 10)
                 assert (await batcher.infer(model, [tensor] * 4)).shape == (4, 10)
-                assert (await batcher.infer(model, [tensor] * 2)).shape == (2, 10)
-                # The previous batch had 2 images: this single one waits for company...
+                # A batch its caller formed, even of one image, does not wait...
+                assert (await batcher.infer(model, [tensor] * 2, prebatched=True)).shape == (2, 10)
+                assert (await batcher.infer(model, [tensor], prebatched=True)).shape == (1, 10)
+                # ...while after a batch of more than one, a single image waits for company...
+                await batcher.infer(model, [tensor] * 2, prebatched=True)
                 waiting = asyncio.create_task(batcher.infer(model, [tensor]))
                 await asyncio.sleep(0.2)
                 assert not waiting.done()
-                # ...and leaves with the next request that brings its own batch.
-                assert (await batcher.infer(model, [tensor] * 2)).shape == (2, 10)
+                # ...and leaves with the next prebatched request.
+                assert (await batcher.infer(model, [tensor] * 2, prebatched=True)).shape == (2, 10)
                 assert (await waiting).shape == (1, 10)
         finally:
             await batcher.stop()
-    assert [len(batch) for batch in engine.batches] == [1, 4, 2, 3]
+    assert [len(batch) for batch in engine.batches] == [1, 4, 2, 1, 2, 3]
 
 
 async def test_pinned_version_is_served_and_never_reloaded(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,7 +14,7 @@ import pytest
 
 from services.common.imaging import decode_and_preprocess
 from tests.conftest import PublishedModel
-from tests.predictor.conftest import PredictorProcess
+from tests.predictor.conftest import PredictorProcess, start_predictor
 from tests.predictor.images import LOSSLESS, b64, odd_variants
 
 pytestmark = pytest.mark.slow
@@ -175,3 +177,27 @@ def test_a_bad_image_fails_only_its_own_request(
     top1 = [r.json()["predictions"][0]["class_id"] for r in responses if r.status_code == 200]
     assert top1 == published_model.expected_top1[:24]
     assert {r.json()["code"] for r in responses if r.status_code == 400} == {"corrupt_image"}
+
+
+def test_images_requests_are_batches_that_never_wait_for_the_delay(
+    published_model: PublishedModel, tmp_path: Path
+) -> None:
+    """With a one-second batching delay, `images` requests (how the gateway calls) are answered
+    at once, one image or several, even right after a batch of several: their caller formed the
+    batch. (Only concurrent `image` requests are worth waiting for.)"""
+    server = start_predictor(
+        published_model.repo, tmp_path / "predictor.log", max_delay_ms=1000, poll_interval_s=0
+    )
+    try:
+        with httpx.Client(base_url=server.url, timeout=20) as client:
+            encoded = [b64(data) for data in published_model.images[:3]]
+            for images in (encoded, encoded[:1], encoded[:2], encoded[:1]):
+                start = time.perf_counter()
+                response = client.post("/predict", json={"images": images})
+                waited = time.perf_counter() - start
+                assert response.status_code == 200, response.text
+                assert len(response.json()["predictions"]) == len(images)
+                # Not a speed assertion: a held-back request takes the whole delay, at least.
+                assert waited < 1.0, f"{len(images)} image(s) waited {waited:.2f}s for company"
+    finally:
+        server.stop()
