@@ -6,7 +6,8 @@ keep-alive HTTP/1.1 client (one connection per concurrent caller, each sending i
 as soon as the last answer arrived: closed-loop load). For every concurrency it prints requests/s
 and p50/p99 latency of ``POST /predict`` (one PNG digit per request) and of ``POST /noop`` with
 the same body (the server's HTTP ceiling), plus how busy each CPU was, so a reader can tell
-which side limited the run.
+which side limited the run. Last, it times the engine's forward pass alone on the server's CPU
+and prints the share of the no-op ceiling that a /predict doing nothing else could reach.
 
     python -m services.predictor.bench --repo model_repository --seconds 5
 """
@@ -28,7 +29,7 @@ import urllib.request
 from collections.abc import Coroutine
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 from PIL import Image
@@ -260,6 +261,38 @@ def ratios(results: list[Result], concurrency: int) -> str:
     )
 
 
+def model_only_ms_per_image(repo: Path, engine: str, cpu: int, batch: int, seconds: float) -> float:
+    """CPU milliseconds per image of the engine's forward pass alone at ``batch``, on ``cpu``
+    with one thread as the server runs it: a floor that no HTTP or batching work gets below."""
+    # Imported here: the load generator has no use for torch until the servers are gone.
+    from services.predictor.engines import EngineKind, load_model, set_torch_threads
+    from services.predictor.settings import PredictorSettings
+
+    previous = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        set_torch_threads(1)
+        model = load_model(
+            repo,
+            PredictorSettings.model_fields["model"].default,
+            None,
+            cast(EngineKind, engine),
+            "cpu",
+            max_batch_size=batch,
+        )
+        shape = (batch, *model.spec.shape)
+        images = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        runs = 0
+        cpu0 = time.process_time()
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            model.engine.infer(images)
+            runs += 1
+        return (time.process_time() - cpu0) * 1000.0 / (runs * batch)
+    finally:
+        os.sched_setaffinity(0, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m services.predictor.bench", description=__doc__.split("\n\n")[0]
@@ -311,7 +344,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(table(results))
     print()
-    print(ratios(results, max(args.concurrency)))
+    high = max(args.concurrency)
+    print(ratios(results, high))
+    model_ms = model_only_ms_per_image(
+        args.repo, args.engine, args.server_cpu, args.max_batch_size, args.seconds
+    )
+    noop_ms = next(
+        (r.server_cpu_ms for r in results if (r.endpoint, r.concurrency) == ("/noop", high)),
+        float("nan"),
+    )
+    print(
+        f"the forward pass alone costs {model_ms:.3f} ms of CPU per image at batch "
+        f"{args.max_batch_size} (CPU {args.server_cpu}, one thread) and a whole /noop request "
+        f"{noop_ms:.3f} ms at concurrency {high}: a /predict that did nothing else would reach "
+        f"at most {noop_ms / (noop_ms + model_ms):.0%} of the no-op ceiling"
+    )
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
     return 0
