@@ -244,10 +244,10 @@ class DynamicBatcher:
         """Whether the pending images should wait for more to join their batch.
 
         Not when the batch is full, nor when a prebatched request is queued (see the module
-        docstring), nor for a lone image while nothing suggests concurrent
-        traffic (the previous batch was a single image and no batch is in flight): a client
-        sending one request at a time would otherwise pay the whole delay on every request,
-        for a batch that never comes.
+        docstring), nor for a lone image while nothing suggests concurrent traffic (the
+        previous batch was a single image and no batch is in flight): a client sending one
+        request at a time would otherwise pay the whole delay on every request, for a batch
+        that never comes.
         """
         if len(self._pending) >= self.max_batch_size or self._prebatched_pending:
             return False
