@@ -35,17 +35,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.errors import (
     BadRequest,
-    PayloadTooLarge,
     ServiceError,
     Unprocessable,
-    UnsupportedMediaType,
     install_error_handlers,
 )
 from services.common.heap import freeze_startup_heap
 from services.common.http import NO_FASTAPI_TELEMETRY, BodySizeLimit
 from services.common.imaging import ImageDecodeError, decode_base64
 from services.common.metrics import RequestMetrics, metrics_response
-from services.common.schemas import ErrorResponse, PredictRequest, PredictResponse
+from services.common.schemas import ErrorResponse, PredictRequest, PredictResponse, require_json
 from services.gateway.backends import Backend, EncodedImage, create_backends
 from services.gateway.metrics import ALL_BACKENDS, NO_BACKEND, GatewayMetrics
 from services.gateway.resilience import EngineGuard
@@ -147,11 +145,7 @@ def parse_body(
     body: bytes, content_type: str, max_images: int
 ) -> tuple[PredictRequest, list[EncodedImage]]:
     """Validate a ``/predict`` body; every failure is the caller's and raises a 4xx."""
-    media = content_type.split(";", 1)[0].strip().lower()
-    if media != "application/json" and not media.endswith("+json"):
-        raise UnsupportedMediaType(
-            f"send the body as application/json, not {content_type or 'no content type'!r}"
-        )
+    require_json(content_type)
     try:
         request = PredictRequest.model_validate_json(body)
     except ValidationError as exc:
@@ -163,16 +157,7 @@ def parse_body(
             where = ".".join(str(p) for p in err.get("loc", ())) or "body"
             parts.append(f"{where}: {err.get('msg', 'invalid')}")
         raise Unprocessable("; ".join(parts), "invalid_request") from None
-    if (request.image is None) == (request.images is None):
-        raise Unprocessable("send exactly one of 'image' or 'images'", "invalid_request")
-    texts = [request.image] if request.image is not None else request.images or []
-    if not texts:
-        raise Unprocessable("'images' is empty", "empty_images")
-    if len(texts) > max_images:
-        raise PayloadTooLarge(
-            f"{len(texts)} images is over the limit of {max_images} per request",
-            "too_many_images",
-        )
+    texts = request.image_texts(max_images)
     images = []
     for index, text in enumerate(texts):
         try:

@@ -21,10 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from services.common.errors import (
-    PayloadTooLarge,
     Unavailable,
-    Unprocessable,
-    UnsupportedMediaType,
     install_error_handlers,
 )
 from services.common.heap import freeze_startup_heap
@@ -37,7 +34,7 @@ from services.common.imaging import (
 )
 from services.common.metrics import RequestMetrics, metrics_response
 from services.common.repository import RepositoryError
-from services.common.schemas import ErrorResponse, PredictRequest, PredictResponse
+from services.common.schemas import ErrorResponse, PredictRequest, PredictResponse, require_json
 from services.predictor import SERVER_NAME, SERVER_VERSION, v2
 from services.predictor.batcher import DynamicBatcher
 from services.predictor.engines import (
@@ -85,13 +82,7 @@ async def parse_predict_request(request: Request) -> PredictRequest:
     Python objects first and then validate them, which costs a measurable share of a request
     at thousands of requests per second. Errors keep the shape of FastAPI's own (422).
     """
-    content_type = request.headers.get("content-type", "")
-    media = content_type.split(";", 1)[0].strip().lower()
-    if media != "application/json" and not media.endswith("+json"):
-        raise UnsupportedMediaType(
-            f"send the body as application/json, not {content_type or 'no content type'!r}",
-            "unsupported_media_type",
-        )
+    require_json(request.headers.get("content-type", ""))
     try:
         return PredictRequest.model_validate_json(await request.body())
     except ValidationError as exc:
@@ -214,16 +205,7 @@ def create_app(settings: PredictorSettings | None = None, loader: Loader | None 
         # FastAPI's dependency resolution is a noticeable share of the per-request CPU.
         state = get_state(request)
         body = await parse_predict_request(request)
-        if (body.image is None) == (body.images is None):
-            raise Unprocessable("send exactly one of 'image' or 'images'", "invalid_request")
-        images = [body.image] if body.image is not None else body.images or []
-        if not images:
-            raise Unprocessable("'images' is empty", "empty_images")
-        if len(images) > settings.max_images:
-            raise PayloadTooLarge(
-                f"{len(images)} images is over the limit of {settings.max_images} per request",
-                "too_many_images",
-            )
+        images = body.image_texts(settings.max_images)
         model = state.model()
         decode = functools.partial(_decode, spec=model.spec, max_pixels=settings.max_pixels)
         async with state.deadline():
