@@ -25,7 +25,6 @@ services/torchserve/metrics.yaml, exported on TorchServe's /metrics) and logged 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -48,7 +47,7 @@ from services.common.imaging import (
     decode_base64,
     top_k_predictions,
 )
-from services.common.repository import MANIFEST_NAME, Manifest
+from services.common.repository import MANIFEST_NAME, Manifest, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -90,14 +89,6 @@ def reason_phrase(message: str) -> str:
     """The message as an HTTP reason phrase: one line of printable ASCII (the body has it all)."""
     phrase = "".join(ch if " " <= ch <= "~" else " " for ch in message)
     return " ".join(phrase.split())[:200]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _parse_top_k(value: object, source: str) -> int:
@@ -195,7 +186,7 @@ class ImageClassifierHandler(BaseHandler):  # type: ignore[misc]  # ts ships no 
         expected = manifest.artifacts["torchscript"].sha256
         # The archive is built from verified files; re-checking here catches a tampered or
         # truncated .mar before the worker says READY.
-        actual = _sha256(model_path)
+        actual = sha256_file(model_path)
         if actual != expected:
             raise RuntimeError(
                 f"model.pt sha256 {actual[:12]}... does not match the manifest's {expected[:12]}..."
