@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
-import os
 import sys
 import time
 from collections.abc import Coroutine
@@ -32,15 +30,16 @@ from typing import Any
 import numpy as np
 
 from services.predictor.bench import (
+    CLOCK_TICKS,
     PinnedService,
     closed_loop,
     cpu_seconds,
-    digit_pngs,
     http_request,
+    pin_load_generator,
+    predict_bodies,
     start_predictor,
 )
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 TARGET_ADDED_P50_MS = 1.0
 TARGET_THROUGHPUT_RATIO = 0.8
 LoopResult = tuple[list[float], int, float]
@@ -226,15 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
-    available = os.sched_getaffinity(0)
-    if {args.server_cpu, args.client_cpu} - available:
-        print(f"CPUs {args.server_cpu} and {args.client_cpu} must be among {sorted(available)}")
+    if not pin_load_generator(args.server_cpu, args.client_cpu):
         return 2
-    os.sched_setaffinity(0, {args.client_cpu})
-    bodies = [
-        json.dumps({"image": base64.b64encode(png).decode(), "top_k": 1}).encode()
-        for png in digit_pngs(16)
-    ]
+    bodies = predict_bodies()
     predictor = start_predictor(
         args.repo, args.engine, args.server_cpu, max_batch_size=32, port=args.predictor_port
     )

@@ -66,6 +66,25 @@ def digit_pngs(count: int, seed: int = 0) -> list[bytes]:
     return images
 
 
+def predict_bodies(count: int = 16) -> list[bytes]:
+    """``/predict`` JSON bodies of one digit PNG each, ``top_k`` 1."""
+    return [
+        json.dumps({"image": base64.b64encode(png).decode(), "top_k": 1}).encode()
+        for png in digit_pngs(count)
+    ]
+
+
+def pin_load_generator(server_cpu: int, client_cpu: int) -> bool:
+    """Pin this process (the load generator) to ``client_cpu``; False, after saying why, when
+    either CPU is not one this process may use."""
+    available = os.sched_getaffinity(0)
+    if {server_cpu, client_cpu} - available:
+        print(f"CPUs {server_cpu} and {client_cpu} must be among {sorted(available)}")
+        return False
+    os.sched_setaffinity(0, {client_cpu})
+    return True
+
+
 def http_request(path: str, body: bytes, port: int) -> bytes:
     head = (
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
@@ -309,16 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
-    available = os.sched_getaffinity(0)
-    if {args.server_cpu, args.client_cpu} - available:
-        print(f"CPUs {args.server_cpu} and {args.client_cpu} must be among {sorted(available)}")
+    if not pin_load_generator(args.server_cpu, args.client_cpu):
         return 2
-    os.sched_setaffinity(0, {args.client_cpu})
-
-    bodies = [
-        json.dumps({"image": base64.b64encode(png).decode(), "top_k": 1}).encode()
-        for png in digit_pngs(16)
-    ]
+    bodies = predict_bodies()
     results: list[Result] = []
     for batching, max_batch in (("on", args.max_batch_size), ("off", 1)):
         server = start_predictor(args.repo, args.engine, args.server_cpu, max_batch, args.port)
