@@ -247,22 +247,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _export(checkpoint_path: Path, out: Path) -> None:
-    import torch
-
-    from training.data import load_dataset
     from training.export import export_and_check
+    from training.publish import held_out_batch
     from training.trainer import load_checkpoint, model_from_checkpoint
 
     checkpoint = load_checkpoint(checkpoint_path)
-    cfg = checkpoint["config"]
-    splits = load_dataset(
-        cfg["dataset"],
-        Path(cfg["data_dir"]) if cfg.get("data_dir") else None,
-        image_size=cfg["image_size"],
-        seed=cfg["seed"],
+    ts_path, onnx_path, report = export_and_check(
+        model_from_checkpoint(checkpoint), held_out_batch(checkpoint), out
     )
-    batch = torch.stack([splits.test[i][0] for i in range(min(64, len(splits.test)))])  # type: ignore[arg-type]
-    ts_path, onnx_path, report = export_and_check(model_from_checkpoint(checkpoint), batch, out)
     print(f"wrote {ts_path} and {onnx_path}: {report.as_dict()}")
 
 

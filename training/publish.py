@@ -165,6 +165,24 @@ def _clean_stale_staging(repo: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def held_out_batch(checkpoint: dict[str, Any]) -> torch.Tensor:
+    """Up to ``PARITY_BATCH`` images the checkpoint never trained on (its own test split, else
+    its validation split), rebuilt from the dataset settings it carries: the export check's
+    input."""
+    cfg = checkpoint["config"]
+    splits = load_dataset(
+        cfg["dataset"],
+        Path(cfg["data_dir"]) if cfg.get("data_dir") else None,
+        image_size=cfg["image_size"],
+        val_fraction=cfg["val_fraction"],
+        test_fraction=cfg["test_fraction"],
+        seed=cfg["seed"],
+    )
+    held_out = splits.test if len(splits.test) else splits.val  # type: ignore[arg-type]
+    count = min(PARITY_BATCH, len(held_out))  # type: ignore[arg-type]
+    return torch.stack([held_out[i][0] for i in range(count)])
+
+
 def publish_checkpoint(
     checkpoint_path: Path,
     repo: Path,
@@ -178,18 +196,7 @@ def publish_checkpoint(
     repo = repo.resolve()
     checkpoint = load_checkpoint(checkpoint_path)
     eager = model_from_checkpoint(checkpoint)
-    cfg = checkpoint["config"]
-    splits = load_dataset(
-        cfg["dataset"],
-        Path(cfg["data_dir"]) if cfg.get("data_dir") else None,
-        image_size=cfg["image_size"],
-        val_fraction=cfg["val_fraction"],
-        test_fraction=cfg["test_fraction"],
-        seed=cfg["seed"],
-    )
-    held_out = splits.test if len(splits.test) else splits.val  # type: ignore[arg-type]
-    count = min(PARITY_BATCH, len(held_out))  # type: ignore[arg-type]
-    parity_batch = torch.stack([held_out[i][0] for i in range(count)])
+    parity_batch = held_out_batch(checkpoint)
 
     repo.mkdir(parents=True, exist_ok=True)
     staging = repo.parent / f".{repo.name}.staging-{uuid.uuid4().hex[:12]}"

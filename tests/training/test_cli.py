@@ -66,3 +66,12 @@ def test_user_errors_are_one_clear_line(tmp_path: Path, args: list[str], message
     assert lines == [lines[0]] and lines[0].startswith("error: ") and message in lines[0]
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "repo").exists()  # nothing published
+
+
+def test_export_writes_both_artifacts_after_the_parity_check(
+    trained_checkpoint: Path, tmp_path: Path
+) -> None:
+    result = run_cli("export", "--checkpoint", str(trained_checkpoint), "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "'top1_identical': True" in result.stdout
+    assert (tmp_path / "model.pt").is_file() and (tmp_path / "model.onnx").is_file()
