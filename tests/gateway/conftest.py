@@ -15,6 +15,7 @@ test's choosing, for the logic tests that need other settings than the shared pr
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import signal
 import subprocess
@@ -38,8 +39,8 @@ from services.gateway.settings import GatewaySettings
 from services.torchserve.launcher import Instance, down, up
 from services.triton.launcher import LocalTriton
 from tests.conftest import PublishedModel
-from tests.predictor.conftest import PredictorProcess, free_port, get_json
-from tests.processes import processes_naming
+from tests.predictor.conftest import PredictorProcess, get_json
+from tests.processes import free_port, processes_naming
 from tests.torchserve.conftest import torchserve_settings
 from tests.triton.conftest import RunningTriton, triton_settings
 
@@ -239,7 +240,7 @@ class GatewayProcess:
     def readiness(self) -> dict[str, Any] | None:
         try:
             _, body = get_json(self.url + "/readyz", timeout=2.0)
-        except (OSError, ValueError):
+        except (OSError, ValueError, http.client.HTTPException):
             return None  # not listening yet
         return body if isinstance(body, dict) else None
 

@@ -17,7 +17,7 @@ from tests.gateway.conftest import (
     gateway_app,
     isolated_settings,
 )
-from tests.predictor.conftest import free_port
+from tests.processes import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from loadtests.bench import CpuSeries, duration_seconds, listening_processes, main, parse_cpus
+from tests.processes import free_port
 
 
 @pytest.mark.parametrize(
@@ -62,17 +63,10 @@ def test_listening_processes_finds_the_listener() -> None:
     assert found["me"].pid == os.getpid()
 
 
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
 def test_bench_without_a_gateway_says_what_to_do(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    url = f"http://127.0.0.1:{_closed_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     assert main(["--gateway-url", url, "--duration", "1s", "--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert f"the gateway at {url} does not answer" in err

@@ -11,11 +11,11 @@ GPU machine that has torch and onnxruntime but not the web stack.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,14 +27,10 @@ from typing import Any
 
 import pytest
 
+from tests.processes import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 120.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def get_json(url: str, timeout: float = 5.0) -> tuple[int, Any]:
@@ -84,8 +80,8 @@ class PredictorProcess:
                 status, _ = get_json(self.url + "/readyz", timeout=2.0)
                 if status == 200:
                     return
-            except (OSError, ValueError):
-                pass  # not listening yet
+            except (OSError, ValueError, http.client.HTTPException):
+                pass  # not listening yet (or something else answers: our process exits soon)
             time.sleep(0.1)
         raise RuntimeError(f"predictor not ready after {timeout}s:\n{self.log()[-3000:]}")
 

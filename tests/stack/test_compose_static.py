@@ -16,7 +16,6 @@ import importlib.metadata
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -39,6 +38,7 @@ from services.predictor.metrics import PredictorMetrics
 from services.predictor.settings import PredictorSettings
 from services.torchserve.config import METRICS_CONFIG, TorchServeSettings, render_config
 from services.triton.settings import TritonSettings
+from tests.processes import free_port
 from training.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[2]
@@ -892,13 +892,6 @@ def test_healthcheck_waits_for_a_ready_torchserve_worker(
     assert healthcheck("--torchserve-key-file", str(key_file), url).returncode == 1
     missing = healthcheck("--torchserve-key-file", str(tmp_path / "absent.json"), url)
     assert missing.returncode == 1 and "no management key" in missing.stdout
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def trainer_run(repo: Path, *extra: str) -> subprocess.CompletedProcess[str]:
