@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"tritonserver ready in {time.monotonic() - started:.1f}s (pid {pid}): "
                 f"http://{settings.http_url}  grpc {settings.grpc_url}  "
-                f"metrics http://{settings.host}:{settings.metrics_port}/metrics  "
+                f"metrics {settings.metrics_url}  "
                 f"model {settings.ensemble}; log {triton.log_path}"
             )
         elif args.command == "down":

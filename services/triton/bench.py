@@ -75,8 +75,7 @@ def make_infer(settings: TritonSettings, protocol: str) -> Callable[[bytes], Non
 
 def batching_counters(settings: TritonSettings) -> dict[str, tuple[float, float]]:
     """Per model, (inferences, executions) so far, from Triton's Prometheus metrics."""
-    url = f"http://{settings.host}:{settings.metrics_port}/metrics"
-    text = httpx.get(url, timeout=5).text
+    text = httpx.get(settings.metrics_url, timeout=5).text
     counters: dict[str, list[float]] = {}
     for line in text.splitlines():
         match = _COUNTER.match(line)

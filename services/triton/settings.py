@@ -98,3 +98,8 @@ class TritonSettings(BaseSettings):
     @property
     def grpc_url(self) -> str:
         return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """Triton's Prometheus endpoint (a full URL, unlike the client addresses above)."""
+        return f"http://{self.host}:{self.metrics_port}/metrics"

@@ -51,7 +51,7 @@ class RunningTriton:
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self.settings.host}:{self.settings.metrics_port}/metrics"
+        return self.settings.metrics_url
 
 
 @pytest.fixture(scope="module")
