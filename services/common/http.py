@@ -9,10 +9,13 @@ whole JSON documents anyway, so nothing streams past this point.
 
 from __future__ import annotations
 
+from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
+from prometheus_client import Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.common.errors import error_response
+from services.common.errors import error_response, install_error_handlers
+from services.common.metrics import RequestMetrics
 
 #: Default body limit: a few large photos in base64 fit, an accidental upload of a video does not.
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -26,6 +29,17 @@ NO_FASTAPI_TELEMETRY: TelemetryConfig = {
     "logs": False,
     "operation_spans": False,
 }
+
+
+def install_service_middleware(
+    app: FastAPI, *, max_body_bytes: int, duration: Histogram, in_flight: Gauge
+) -> None:
+    """What every service puts in front of its routes: DESIGN.md error bodies, the body limit
+    (413) and the request-duration and in-flight metrics of :func:`~services.common.metrics.
+    http_metrics` (outermost, so a refused body is timed too)."""
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes)
+    app.add_middleware(RequestMetrics, duration=duration, in_flight=in_flight)
 
 
 class BodySizeLimit:

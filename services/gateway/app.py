@@ -37,12 +37,11 @@ from services.common.errors import (
     BadRequest,
     ServiceError,
     Unprocessable,
-    install_error_handlers,
 )
 from services.common.heap import freeze_startup_heap
-from services.common.http import NO_FASTAPI_TELEMETRY, BodySizeLimit
+from services.common.http import NO_FASTAPI_TELEMETRY, install_service_middleware
 from services.common.imaging import ImageDecodeError, decode_base64
-from services.common.metrics import RequestMetrics, metrics_response
+from services.common.metrics import metrics_response
 from services.common.schemas import ErrorResponse, PredictRequest, PredictResponse, require_json
 from services.gateway.backends import Backend, EncodedImage, create_backends
 from services.gateway.metrics import ALL_BACKENDS, NO_BACKEND, GatewayMetrics
@@ -226,9 +225,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         lifespan=lifespan,
         telemetry=NO_FASTAPI_TELEMETRY,
     )
-    install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestMetrics, duration=metrics.http_duration, in_flight=metrics.in_flight)
+    install_service_middleware(
+        app,
+        max_body_bytes=settings.max_body_bytes,
+        duration=metrics.http_duration,
+        in_flight=metrics.in_flight,
+    )
     app.add_middleware(RequestId)
 
     def gateway_state(request: Request) -> GatewayState:

@@ -20,19 +20,16 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from services.common.errors import (
-    Unavailable,
-    install_error_handlers,
-)
+from services.common.errors import Unavailable
 from services.common.heap import freeze_startup_heap
-from services.common.http import NO_FASTAPI_TELEMETRY, BodySizeLimit
+from services.common.http import NO_FASTAPI_TELEMETRY, install_service_middleware
 from services.common.imaging import (
     InputSpec,
     decode_and_preprocess,
     decode_base64,
     top_k_predictions,
 )
-from services.common.metrics import RequestMetrics, metrics_response
+from services.common.metrics import metrics_response
 from services.common.repository import RepositoryError
 from services.common.schemas import ErrorResponse, PredictRequest, PredictResponse, require_json
 from services.predictor import SERVER_NAME, SERVER_VERSION, v2
@@ -182,10 +179,11 @@ def create_app(settings: PredictorSettings | None = None, loader: Loader | None 
         telemetry=NO_FASTAPI_TELEMETRY,
     )
     app.state.settings = settings
-    install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
-    app.add_middleware(
-        RequestMetrics, duration=metrics.request_duration, in_flight=metrics.in_flight
+    install_service_middleware(
+        app,
+        max_body_bytes=settings.max_body_bytes,
+        duration=metrics.http_duration,
+        in_flight=metrics.in_flight,
     )
 
     @app.post(

@@ -14,7 +14,7 @@ NAMESPACE = "predictor"
 @dataclass(frozen=True)
 class PredictorMetrics:
     registry: CollectorRegistry
-    request_duration: Histogram
+    http_duration: Histogram
     in_flight: Gauge
     queue_time: Histogram
     batch_size: Histogram
@@ -27,10 +27,10 @@ class PredictorMetrics:
     @classmethod
     def create(cls) -> PredictorMetrics:
         registry = CollectorRegistry()
-        duration, in_flight = http_metrics(registry, NAMESPACE)
+        http_duration, in_flight = http_metrics(registry, NAMESPACE)
         return cls(
             registry=registry,
-            request_duration=duration,
+            http_duration=http_duration,
             in_flight=in_flight,
             queue_time=Histogram(
                 "queue_time_seconds",
