@@ -1,12 +1,20 @@
-"""Helpers the server fixtures share: free ports, and the processes left behind."""
+"""Helpers the server fixtures share: free ports, service processes, and the processes left
+behind. Standard library only, so GPU-host collection needs nothing more."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import signal
 import socket
+import subprocess
+import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 FIRST_PORT = 10_000  # well clear of the well-known ports and of what services default to
 _handed_out: set[int] = set()
@@ -57,6 +65,70 @@ def free_ports(count: int) -> list[int]:
 def free_port() -> int:
     """One port from :func:`free_ports`."""
     return free_ports(1)[0]
+
+
+class ServiceProcess:
+    """``python -m services.<name>`` on a port of 127.0.0.1, in its own process group, configured
+    only through ``<NAME>_*`` variables (the developer's own are dropped) and logging to a file."""
+
+    def __init__(
+        self, name: str, settings: Mapping[str, str], log_path: Path, port: int | None = None
+    ) -> None:
+        """``settings`` are whole variable names (``PREDICTOR_ENGINE``); host and port are set
+        here, ``port`` a free one unless given."""
+        prefix = f"{name.upper()}_"
+        self.name = name
+        self.port = port if port is not None else free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        env = {k: v for k, v in os.environ.items() if not k.startswith(prefix)}
+        env.update(settings)
+        env.update({f"{prefix}HOST": "127.0.0.1", f"{prefix}PORT": str(self.port)})
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", f"services.{name}"],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, killed as a whole
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def raise_if_exited(self) -> None:
+        if not self.alive:
+            raise RuntimeError(
+                f"{self.name} exited with {self.process.returncode}:\n{self.log()[-3000:]}"
+            )
+
+    def wait_exit(self, timeout: float) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: no shutdown, no goodbye, like a crash."""
+        with contextlib.suppress(ProcessLookupError):  # group already gone
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+        self.stop()  # closes the log
+
+    def stop(self) -> None:
+        """SIGTERM the group, SIGKILL it if it is still there after 15 s; close the log."""
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=15)
+        self._log.close()
 
 
 def processes_naming(folder: Path) -> list[str]:

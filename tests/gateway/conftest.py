@@ -17,9 +17,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -39,8 +36,8 @@ from services.gateway.settings import GatewaySettings
 from services.torchserve.launcher import Instance, down, up
 from services.triton.launcher import LocalTriton
 from tests.conftest import PublishedModel
-from tests.predictor.conftest import PredictorProcess, get_json
-from tests.processes import free_port, processes_naming
+from tests.predictor.conftest import PredictorProcess, get_json, start_predictor
+from tests.processes import ServiceProcess, free_port, processes_naming
 from tests.torchserve.conftest import torchserve_settings
 from tests.triton.conftest import RunningTriton, triton_settings
 
@@ -73,33 +70,21 @@ class RestartablePredictor:
 
     def start(self) -> None:
         self.starts += 1
-        # PredictorProcess picks its own free port; PREDICTOR_PORT from the settings wins over
-        # it, so the process listens where the gateway expects it (and url follows).
-        server = PredictorProcess(
+        self.server = start_predictor(
             self.repo,
             self.log_dir / f"predictor-{self.starts}.log",
             port=self.port,
             poll_interval_s=0,
         )
-        server.port, server.url = self.port, self.url
-        self.server = server
-        try:
-            server.wait_ready()
-        except BaseException:
-            server.stop()
-            raise
 
     def kill(self) -> None:
-        """SIGKILL the whole process group: no shutdown, no goodbye, like a crash."""
+        """Crash it (see :meth:`ServiceProcess.kill`)."""
         assert self.server is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.server.process.pid, signal.SIGKILL)
-        self.server.process.wait(timeout=30)
-        self.server.stop()  # closes its log
+        self.server.kill()
 
     @property
     def alive(self) -> bool:
-        return self.server is not None and self.server.process.poll() is None
+        return self.server is not None and self.server.alive
 
     def stop(self) -> None:
         if self.server is not None:
@@ -214,28 +199,11 @@ def engines(
     assert not left, f"engine processes survived teardown: {left}"
 
 
-class GatewayProcess:
-    """``python -m services.gateway`` on a free port of 127.0.0.1, in its own process group."""
+class GatewayProcess(ServiceProcess):
+    """``python -m services.gateway``; ``env_settings`` are whole ``GATEWAY_*`` names."""
 
     def __init__(self, env_settings: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-        env.update(env_settings)
-        env.update(GATEWAY_HOST="127.0.0.1", GATEWAY_PORT=str(self.port))
-        self._log = log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.gateway"],
-            cwd=ROOT,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        super().__init__("gateway", env_settings, log_path)
 
     def readiness(self) -> dict[str, Any] | None:
         try:
@@ -246,24 +214,11 @@ class GatewayProcess:
 
     def wait_all_ready(self, timeout: float = START_TIMEOUT_S) -> None:
         def all_ready() -> bool:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gateway exited:\n{self.log()[-3000:]}")
+            self.raise_if_exited()
             body = self.readiness()
             return body is not None and all(b["ready"] for b in body["backends"].values())
 
         wait_for(all_ready, timeout, "the gateway to see every engine ready")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=15)
-        self._log.close()
 
 
 @pytest.fixture(scope="session")

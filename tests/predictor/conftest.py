@@ -10,14 +10,9 @@ GPU machine that has torch and onnxruntime but not the web stack.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -27,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.processes import free_port
+from tests.processes import ServiceProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 120.0
@@ -41,41 +36,23 @@ def get_json(url: str, timeout: float = 5.0) -> tuple[int, Any]:
         return exc.code, json.loads(exc.read() or b"null")
 
 
-class PredictorProcess:
-    """One ``python -m services.predictor`` with its log file and base URL."""
+class PredictorProcess(ServiceProcess):
+    """One ``python -m services.predictor``; ``settings`` are its fields (``engine="onnx"``)."""
 
-    def __init__(self, repo: Path, log_path: Path, **settings: object) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREDICTOR_")}
-        env.update(
-            PREDICTOR_HOST="127.0.0.1",
-            PREDICTOR_PORT=str(self.port),
-            PREDICTOR_REPOSITORY=str(repo),
-            PREDICTOR_LOG_LEVEL="info",
-        )
-        env.update({f"PREDICTOR_{k.upper()}": str(v) for k, v in settings.items()})
-        self._log = log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.predictor"],
-            cwd=ROOT,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, killed as a whole
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+    def __init__(
+        self, repo: Path, log_path: Path, *, port: int | None = None, **settings: object
+    ) -> None:
+        env = {
+            "PREDICTOR_REPOSITORY": str(repo),
+            "PREDICTOR_LOG_LEVEL": "info",
+            **{f"PREDICTOR_{k.upper()}": str(v) for k, v in settings.items()},
+        }
+        super().__init__("predictor", env, log_path, port)
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"predictor exited with {self.process.returncode}:\n{self.log()[-3000:]}"
-                )
+            self.raise_if_exited()
             try:
                 status, _ = get_json(self.url + "/readyz", timeout=2.0)
                 if status == 200:
@@ -86,23 +63,14 @@ class PredictorProcess:
         raise RuntimeError(f"predictor not ready after {timeout}s:\n{self.log()[-3000:]}")
 
     def wait_exit(self, timeout: float = START_TIMEOUT_S) -> int:
-        return self.process.wait(timeout=timeout)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):  # group already gone
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):  # group already gone
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=15)
-        self._log.close()
+        return super().wait_exit(timeout)
 
 
-def start_predictor(repo: Path, log_path: Path, **settings: object) -> PredictorProcess:
-    server = PredictorProcess(repo, log_path, **settings)
+def start_predictor(
+    repo: Path, log_path: Path, *, port: int | None = None, **settings: object
+) -> PredictorProcess:
+    """A :class:`PredictorProcess` that is ready (stopped again if it never gets there)."""
+    server = PredictorProcess(repo, log_path, port=port, **settings)
     try:
         server.wait_ready()
     except BaseException:
