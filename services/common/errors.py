@@ -74,6 +74,10 @@ class Timeout(ServiceError):
     code = "timeout"
 
 
+#: The header naming a request in answers and logs (the gateway sets one on every answer).
+REQUEST_ID_HEADER = "X-Request-ID"
+
+
 def error_response(
     status_code: int, message: str, code: str, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
@@ -108,6 +112,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        request_id = request.headers.get("x-request-id", "-")
+        # Starlette answers from outside every middleware: the id the gateway's RequestId
+        # middleware chose (and validated) is in the scope's state, its header set here.
+        chosen: str | None = getattr(request.state, "request_id", None)
+        request_id = chosen or request.headers.get(REQUEST_ID_HEADER, "-")
         logger.exception("unhandled error (request id %s)", request_id)
-        return error_response(500, f"internal error (request id {request_id})", "internal_error")
+        return error_response(
+            500,
+            f"internal error (request id {request_id})",
+            "internal_error",
+            {REQUEST_ID_HEADER: chosen} if chosen else None,
+        )

@@ -34,6 +34,7 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.errors import (
+    REQUEST_ID_HEADER,
     BadRequest,
     ServiceError,
     Unprocessable,
@@ -52,7 +53,6 @@ from services.gateway.settings import BackendName, GatewaySettings
 logger = logging.getLogger(__name__)
 
 SERVICE = "gateway"
-REQUEST_ID_HEADER = "X-Request-ID"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 422, 503, 504)

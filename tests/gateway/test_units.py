@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 
+import httpx
 import pytest
 from pydantic import ValidationError
 
@@ -17,7 +18,7 @@ from services.common.errors import (
     Unprocessable,
     UnsupportedMediaType,
 )
-from services.gateway.app import parse_body
+from services.gateway.app import create_app, parse_body
 from services.gateway.backends import (
     Answer,
     ConnectFailed,
@@ -34,6 +35,7 @@ from services.gateway.backends import (
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.resilience import EngineGuard
 from tests.gateway.conftest import ROOT, isolated_settings
+from tests.processes import free_port
 
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 16).decode()
 
@@ -264,3 +266,33 @@ async def test_the_breaker_opens_on_engine_failures_not_on_bad_images() -> None:
     guard.ready = False
     await guard.check()
     assert guard.breaker_state == "closed" and guard.available
+
+
+async def test_an_unexpected_error_is_a_json_500_that_names_the_request(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}"  # no engine needed: the router fails first
+    settings = isolated_settings(
+        backends=["predictor"], default_backend="predictor", predictor_url=nowhere
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+
+        async def broken(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("a bug, not the caller's mistake")
+
+        monkeypatch.setattr(app.state.gateway.router, "predict", broken)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            chosen = await client.post("/predict", json={"image": PNG})
+            given = await client.post(
+                "/predict", json={"image": PNG}, headers={"X-Request-ID": "abc-123"}
+            )
+    for response in (chosen, given):
+        assert response.status_code == 500
+        assert response.json()["code"] == "internal_error"
+        request_id = response.headers["X-Request-ID"]
+        assert f"(request id {request_id})" in response.json()["error"]
+        assert f"unhandled error (request id {request_id})" in caplog.text
+    assert given.headers["X-Request-ID"] == "abc-123"
+    assert len(chosen.headers["X-Request-ID"]) == 32  # one the gateway made up
