@@ -272,7 +272,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             backend = requested_backend(request.scope.get("query_string", b""))
             if backend == ALL:
                 served = ALL_BACKENDS
-                status, payload = await state.router.compare(images, body.top_k, request_id)
+                status, payload = await state.router.compare(
+                    images, body.top_k, request_id, single=body.image is not None
+                )
                 names = ",".join(payload["answered"]) or NO_BACKEND
                 if status != 200:
                     metrics.errors.labels(str(status), payload["code"]).inc()

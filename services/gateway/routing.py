@@ -139,11 +139,12 @@ class Router:
         )
 
     async def compare(
-        self, images: Sequence[EncodedImage], top_k: int, request_id: str
+        self, images: Sequence[EncodedImage], top_k: int, request_id: str, *, single: bool
     ) -> tuple[int, dict[str, Any]]:
-        """Every engine's answer to the same images: (HTTP status, body)."""
+        """Every engine's answer to the same images: (HTTP status, body). ``single``: the
+        request used the ``image`` form, so each engine's ``predictions`` is one flat list."""
         results = await asyncio.gather(
-            *(self._compare_one(g, images, top_k, request_id) for g in self.guards.values())
+            *(self._compare_one(g, images, top_k, request_id, single) for g in self.guards.values())
         )
         answered = [r for r in results if r["status"] == 200]
         reference = next(
@@ -181,7 +182,12 @@ class Router:
         return status, body
 
     async def _compare_one(
-        self, guard: EngineGuard, images: Sequence[EncodedImage], top_k: int, request_id: str
+        self,
+        guard: EngineGuard,
+        images: Sequence[EncodedImage],
+        top_k: int,
+        request_id: str,
+        single: bool,
     ) -> dict[str, Any]:
         result: dict[str, Any] = {"backend": guard.name}
         if not guard.available:
@@ -205,7 +211,7 @@ class Router:
                 model=answer.model,
                 version=answer.version,
                 top1=[preds[0]["label"] if preds else None for preds in answer.predictions],
-                predictions=answer.predictions[0] if len(images) == 1 else answer.predictions,
+                predictions=answer.predictions[0] if single else answer.predictions,
             )
         result["latency_ms"] = round((time.perf_counter() - start) * 1000.0, 3)
         return result

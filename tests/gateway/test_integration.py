@@ -133,6 +133,16 @@ def test_compare_mode_reports_agreement(
         assert result["version"] == str(published_model.version)
         assert len(result["predictions"]) == count
         assert result["latency_ms"] > 0
+    # Each engine's predictions take the request's form, as a routed answer does: a list per
+    # image for `images` (even of one), one flat list for `image`.
+    one = b64(published_model.images[0])
+    as_list = post(gateway, {"images": [one]}, "all").json()["results"]
+    as_image = post(gateway, {"image": one}, "all").json()["results"]
+    assert [type(r["predictions"][0]) for r in as_list] == [list] * len(BACKENDS)
+    for listed, single in zip(as_list, as_image, strict=True):
+        assert [p["class_id"] for p in listed["predictions"][0]] == [
+            p["class_id"] for p in single["predictions"]
+        ]
     # An image every engine refuses is the caller's mistake in compare mode too.
     refused = post(gateway, {"image": b64(b"not an image")}, "all")
     assert refused.status_code == 400, refused.text
