@@ -134,16 +134,21 @@ def verify_artifacts(repo: Path, manifest: Manifest) -> None:
             )
 
 
+def newest_version(repo: Path, model: str) -> int:
+    """The newest published version of ``model`` (not verified: :func:`load_version` does)."""
+    versions = list_versions(repo, model)
+    if not versions:
+        raise RepositoryError(
+            f"no published version of {model!r} in {repo} "
+            "(run `make train-and-publish` or `python -m training train-and-publish`)"
+        )
+    return versions[-1]
+
+
 def load_version(repo: Path, model: str, version: int | None = None) -> ModelVersion:
     """Verified version ``version``, or the newest published one when ``version`` is None."""
     if version is None:
-        versions = list_versions(repo, model)
-        if not versions:
-            raise RepositoryError(
-                f"no published version of {model!r} in {repo} "
-                "(run `make train-and-publish` or `python -m training train-and-publish`)"
-            )
-        version = versions[-1]
+        version = newest_version(repo, model)
     manifest = read_manifest(repo, model, version)
     if manifest.model != model or manifest.version != version:
         raise RepositoryError(

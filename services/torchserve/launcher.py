@@ -43,8 +43,8 @@ from typing import Any
 
 import httpx
 
-from services.common.repository import list_versions, load_version
-from services.torchserve.archive import archive_path, build_archive
+from services.common.repository import RepositoryError, load_version, newest_version
+from services.torchserve.archive import ArchiveError, archive_path, build_archive
 from services.torchserve.config import (
     METRICS_CONFIG,
     TorchServeSettings,
@@ -267,32 +267,33 @@ def _wait_ready(
 
 def _stage_archive(settings: TorchServeSettings, version: int) -> Path:
     """Put the version's archive into the model store (built if the version lacks one)."""
-    loaded = load_version(settings.repository_path, settings.model, version)  # sha256-checked
-    target = settings.model_store / mar_name(settings.model, version)
-    published = archive_path(settings.repository_path, settings.model, version)
-    if published.is_file():
-        partial = target.with_name(f".{target.name}.tmp")
-        shutil.copyfile(published, partial)
-        partial.replace(target)
-    else:
-        logger.info("%s has no archive; building one in the run folder", published.parent)
-        build_dir = settings.run_path / "build" / str(version)
-        built = build_archive(settings.repository_path, loaded.manifest, build_dir)
-        built.replace(target)
-        shutil.rmtree(build_dir, ignore_errors=True)
+    try:
+        loaded = load_version(settings.repository_path, settings.model, version)  # sha256-checked
+        target = settings.model_store / mar_name(settings.model, version)
+        published = archive_path(settings.repository_path, settings.model, version)
+        if published.is_file():
+            partial = target.with_name(f".{target.name}.tmp")
+            shutil.copyfile(published, partial)
+            partial.replace(target)
+        else:
+            logger.info("%s has no archive; building one in the run folder", published.parent)
+            build_dir = settings.run_path / "build" / str(version)
+            built = build_archive(settings.repository_path, loaded.manifest, build_dir)
+            built.replace(target)
+            shutil.rmtree(build_dir, ignore_errors=True)
+    except (RepositoryError, ArchiveError) as exc:  # nothing (verified) to serve: say so
+        raise TorchServeError(str(exc)) from None
     return target
 
 
-def _resolve_version(settings: TorchServeSettings) -> int:
-    if settings.version is not None:
+def _resolve_version(settings: TorchServeSettings, pinned: bool = True) -> int:
+    """The pinned version (when ``pinned`` and one is set), else the newest published one."""
+    if pinned and settings.version is not None:
         return settings.version
-    versions = list_versions(settings.repository_path, settings.model)
-    if not versions:
-        raise TorchServeError(
-            f"no published version of {settings.model!r} in {settings.repository_path} "
-            "(run `make train-and-publish`)"
-        )
-    return versions[-1]
+    try:
+        return newest_version(settings.repository_path, settings.model)
+    except RepositoryError as exc:
+        raise TorchServeError(str(exc)) from None
 
 
 def _prepare_run_dir(settings: TorchServeSettings) -> None:
@@ -478,7 +479,7 @@ def reload(settings: TorchServeSettings) -> int:
     state = _read_instance(settings)
     if state is None or not instance_processes(settings, int(state["pgid"])):
         raise TorchServeError(f"no TorchServe instance runs in {settings.run_path}")
-    newest = _resolve_version(settings.model_copy(update={"version": None}))
+    newest = _resolve_version(settings, pinned=False)
     if not settings.enable_model_api:
         down(settings)
         return up(settings.model_copy(update={"version": newest})).version

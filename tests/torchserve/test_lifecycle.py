@@ -124,3 +124,22 @@ def test_up_reload_down_serves_new_versions_without_dropping_requests(
     assert processes_naming(settings.run_path) == []
     assert cli(settings, "status").returncode == 3  # not running
     assert not settings.key_file.exists()
+
+
+def test_up_refuses_a_damaged_version_in_one_line(
+    published_model: PublishedModel, tmp_path: Path
+) -> None:
+    repo = copy_repository(published_model, tmp_path)
+    model_pt = repo / published_model.manifest.artifacts["torchscript"].path
+    damaged = bytearray(model_pt.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # one bit pattern off: a sha256 mismatch
+    model_pt.write_bytes(bytes(damaged))
+    settings = torchserve_settings(repo, published_model.model, tmp_path / "run")
+    try:
+        result = cli(settings, "up", timeout=60)
+    finally:
+        cli(settings, "down")  # in case it did start
+    assert result.returncode == 1, result.stderr
+    assert "sha256 mismatch" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not processes_naming(settings.run_path)
