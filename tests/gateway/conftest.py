@@ -20,7 +20,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,13 +29,13 @@ from unittest import mock
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from services.gateway.app import GatewayState, create_app
 from services.gateway.settings import GatewaySettings
 from services.torchserve.launcher import Instance, down, up
 from services.triton.launcher import LocalTriton
 from tests.conftest import PublishedModel
+from tests.metrics import metric_samples, sample_sum
 from tests.predictor.conftest import PredictorProcess, get_json, start_predictor
 from tests.processes import ServiceProcess, free_port, processes_naming
 from tests.torchserve.conftest import torchserve_settings
@@ -143,25 +143,6 @@ class Engines:
         }
 
 
-Samples = list[tuple[str, dict[str, str], float]]
-
-
-def metric_samples(text: str) -> Samples:
-    return [
-        (sample.name, dict(sample.labels), float(sample.value))
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    ]
-
-
-def sample_sum(samples: Samples, name: str, **labels: str) -> float:
-    return sum(
-        value
-        for sample_name, sample_labels, value in samples
-        if sample_name == name and all(sample_labels.get(k) == v for k, v in labels.items())
-    )
-
-
 def _start_triton(published_model: PublishedModel, run_dir: Path) -> RunningTriton:
     settings = triton_settings(published_model, run_dir)
     launcher = LocalTriton(settings)
@@ -182,19 +163,23 @@ def engines(
     ts_settings = torchserve_settings(published_model.repo, published_model.model, base / "ts")
     triton_run = base / "triton"
     triton_run.mkdir()
-    with ThreadPoolExecutor(3) as pool:
-        predictor_started = pool.submit(predictor.start)
-        torchserve_started = pool.submit(up, ts_settings)
-        triton_started = pool.submit(_start_triton, published_model, triton_run)
+    triton_started: Future[RunningTriton] | None = None
     try:
+        # Inside the try: a timeout while they start (the executor waits for all three on the
+        # way out) still reaches the stops below.
+        with ThreadPoolExecutor(3) as pool:
+            predictor_started = pool.submit(predictor.start)
+            torchserve_started = pool.submit(up, ts_settings)
+            triton_started = pool.submit(_start_triton, published_model, triton_run)
         predictor_started.result()
         yield Engines(predictor, torchserve_started.result(), triton_started.result())
     finally:
-        # Stop whatever did start, even when another engine failed to.
-        predictor.stop()
-        down(ts_settings)
-        if triton_started.exception() is None:
-            triton_started.result().launcher.stop()
+        # Stop whatever did start, even when another engine failed to start or to stop.
+        with contextlib.ExitStack() as stops:
+            stops.callback(predictor.stop)
+            stops.callback(down, ts_settings)
+            if triton_started is not None and triton_started.exception() is None:
+                stops.callback(triton_started.result().launcher.stop)
     left = processes_naming(ts_settings.run_path) + processes_naming(triton_run)
     assert not left, f"engine processes survived teardown: {left}"
 
