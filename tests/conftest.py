@@ -122,10 +122,9 @@ class LocalStack:
 
     @property
     def torchserve_token(self) -> str:
-        import json
+        from services.torchserve.launcher import read_keys
 
-        keys = json.loads(self.torchserve_key_file.read_text())
-        return str(keys["inference"]["key"])
+        return read_keys(self.torchserve_key_file).inference
 
     def make(self, target: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -134,7 +133,7 @@ class LocalStack:
             env=self.env,
             capture_output=True,
             text=True,
-            timeout=900,
+            timeout=540,  # inside pytest-timeout's 600 s, so the fixture's teardown still runs
         )
 
 
@@ -160,8 +159,8 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
     )
     settings = StackSettings(run_dir=stack.run_dir, repository=stack.repository)
     assert not stack_processes(settings), "a stack is already running in this run folder"
-    started = stack.make("up")
     try:
+        started = stack.make("up")
         assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
         yield stack
     finally:
