@@ -68,18 +68,6 @@ def fsync_tree(root: Path) -> None:
         fsync_path(Path(folder))
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write beside, fsync, rename: readers see the old or the new file, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with tmp.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
-    fsync_path(path.parent)
-
-
 @contextlib.contextmanager
 def repository_lock(repo: Path) -> Iterator[None]:
     """One publisher at a time per repository (an advisory flock on ``.publish.lock``)."""

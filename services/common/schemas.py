@@ -8,6 +8,8 @@ from services.common.errors import PayloadTooLarge, Unprocessable, UnsupportedMe
 
 #: Default number of classes returned per image.
 DEFAULT_TOP_K = 5
+#: The most classes a caller may ask for.
+MAX_TOP_K = 1000
 
 
 class PredictRequest(BaseModel):
@@ -17,7 +19,7 @@ class PredictRequest(BaseModel):
 
     image: str | None = None
     images: list[str] | None = None
-    top_k: int = Field(default=DEFAULT_TOP_K, ge=1, le=1000)
+    top_k: int = Field(default=DEFAULT_TOP_K, ge=1, le=MAX_TOP_K)
 
     def image_texts(self, max_images: int) -> list[str]:
         """The base64 texts to classify; a 422 or 413 when the request's shape is wrong."""

@@ -60,7 +60,6 @@ class Served:
 
     answer: Answer
     backend: BackendName
-    chosen: BackendName
     skipped: list[str] = field(default_factory=list)
 
 
@@ -132,7 +131,7 @@ class Router:
                 continue
             if guard.name != chosen:
                 self.metrics.failovers.labels(chosen, guard.name).inc()
-            return Served(answer, guard.name, chosen, skipped)
+            return Served(answer, guard.name, skipped)
         what = "no engine could answer" if self.settings.failover else f"{chosen} cannot answer"
         raise RoutingError(
             Unavailable(f"{what}: " + "; ".join(reasons), "no_backend_available"), last

@@ -30,14 +30,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from services.common.repository import Manifest, version_dir
+from services.common.repository import MANIFEST_NAME, Manifest, version_dir
 
 logger = logging.getLogger(__name__)
 
 HANDLER_PATH = Path(__file__).with_name("handler.py")
 COMMON_DIR = Path(__file__).resolve().parent.parent / "common"
 SERVICES_INIT = COMMON_DIR.parent / "__init__.py"
-MANIFEST_FILE = "manifest.json"
 ARCHIVE_TIMEOUT_S = 300
 
 
@@ -67,12 +66,12 @@ def _copy_verified(src: Path, dst: Path, sha256: str) -> None:
         )
 
 
-def _stage(staging: Path, repo: Path, manifest: Manifest, torchscript_path: Path | None) -> Path:
+def _stage(staging: Path, repo: Path, manifest: Manifest) -> Path:
     """Lay out model.pt and the extra files; return the model file's staged path."""
     artifact = manifest.artifacts.get("torchscript")
     if artifact is None:
         raise ArchiveError(f"{manifest.model} v{manifest.version} has no torchscript artifact")
-    source = torchscript_path if torchscript_path is not None else repo / artifact.path
+    source = repo / artifact.path
     if not source.is_file():
         raise ArchiveError(f"TorchScript file missing: {source}")
     model_file = staging / "model.pt"
@@ -84,28 +83,21 @@ def _stage(staging: Path, repo: Path, manifest: Manifest, torchscript_path: Path
     shutil.copy2(SERVICES_INIT, extra / "services" / "__init__.py")
     for source_file in sorted(COMMON_DIR.glob("*.py")):
         shutil.copy2(source_file, common / source_file.name)
-    (extra / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
+    (extra / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
     return model_file
 
 
-def build_archive(
-    repo: Path,
-    manifest: Manifest,
-    out_dir: Path,
-    *,
-    torchscript_path: Path | None = None,
-) -> Path:
+def build_archive(repo: Path, manifest: Manifest, out_dir: Path) -> Path:
     """Write ``out_dir/<model>.mar`` (archive version = manifest.version) and return its path.
 
-    ``torchscript_path`` overrides where model.pt is read from (default: the manifest's
-    artifact path under ``repo``), for a publish step that builds the archive before moving
-    the version into place. The file's sha256 must match the manifest either way.
+    model.pt is read from the manifest's artifact path under ``repo`` (publish passes its
+    staging folder, laid out like the repository) and must match the manifest's sha256.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / archive_name(manifest.model)
     with tempfile.TemporaryDirectory(prefix=f".{manifest.model}-mar-", dir=out_dir) as tmp:
         staging = Path(tmp)
-        model_file = _stage(staging, repo, manifest, torchscript_path)
+        model_file = _stage(staging, repo, manifest)
         export_dir = staging / "export"
         archiver_tmp = staging / "archiver-tmp"
         export_dir.mkdir()

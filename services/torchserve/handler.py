@@ -48,12 +48,11 @@ from services.common.imaging import (
     top_k_predictions,
 )
 from services.common.repository import MANIFEST_NAME, Manifest, sha256_file
+from services.common.schemas import DEFAULT_TOP_K, MAX_TOP_K
 
 logger = logging.getLogger(__name__)
 
 BACKEND = "torchserve"
-DEFAULT_TOP_K = 5
-MAX_TOP_K = 1000
 TOP_K_HEADER = "x-top-k"
 #: Custom model metric (declared in the metrics config the launcher writes), one count per
 #: batch, labelled with the batch size: proves from /metrics that requests were batched.

@@ -14,6 +14,8 @@ from typing import Self
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.imaging import DEFAULT_MAX_PIXELS
+
 
 class TritonSettings(BaseSettings):
     """Everything the Triton engine reads from its environment."""
@@ -58,7 +60,7 @@ class TritonSettings(BaseSettings):
     """How long a request may wait in the classifier's queue for others to batch with."""
     preprocess_queue_delay_microseconds: int = Field(default=100, ge=0, le=10_000_000)
     """Queue delay of the ``preprocess`` model."""
-    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    max_image_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
     """Images with more pixels are refused by ``preprocess`` before decoding (bombs)."""
     torchscript_twin: bool = True
     """Also serve ``<model>_torchscript`` locally (its python twin imports torch: ~0.6 GB)."""

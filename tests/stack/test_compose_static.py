@@ -173,12 +173,6 @@ def healthcheck_url(service: str) -> str:
     return str(urls[0])
 
 
-def port_of(url: str) -> int:
-    port = urlsplit(url).port
-    assert port is not None, url
-    return port
-
-
 def flag_values(command: list[str], prefix: str = "--") -> dict[str, str]:
     """``--name=value`` arguments of a command line."""
     return dict(
