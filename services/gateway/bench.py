@@ -18,14 +18,11 @@ gateway spends is one the predictor does not get, which is what the throughput r
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import time
-from collections.abc import Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -37,12 +34,12 @@ from services.predictor.bench import (
     http_request,
     pin_load_generator,
     predict_bodies,
+    run_loop,
     start_predictor,
 )
 
 TARGET_ADDED_P50_MS = 1.0
 TARGET_THROUGHPUT_RATIO = 0.8
-LoopResult = tuple[list[float], int, float]
 
 
 def core_busy_seconds(cpu: int) -> float:
@@ -110,7 +107,9 @@ def run_round(
     core0 = {name: core_busy_seconds(cpu) for name, cpu in cores.items()}
     client0 = time.process_time()
     wall0 = time.perf_counter()
-    latencies, errors, window = _run(closed_loop(port, requests, cell.concurrency, warmup, seconds))
+    latencies, errors, window = run_loop(
+        closed_loop(port, requests, cell.concurrency, warmup, seconds)
+    )
     cell.wall += time.perf_counter() - wall0
     for name, pid in pids.items():
         cell.cpu[name] = cell.cpu.get(name, 0.0) + cpu_seconds(pid) - cpu0[name]
@@ -121,14 +120,6 @@ def run_round(
     cell.requests += len(latencies)
     cell.errors += errors
     cell.seconds += window
-
-
-def _run(coro: Coroutine[Any, Any, LoopResult]) -> LoopResult:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover  (uvicorn[standard] brings uvloop)
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 def cpu_ms_per_request(cell: Cell) -> float:

@@ -144,7 +144,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
 
 
-def _run_loop(coro: Coroutine[Any, Any, T]) -> T:
+def run_loop(coro: Coroutine[Any, Any, T]) -> T:
     """uvloop when installed: the load generator must not be the bottleneck."""
     try:
         import uvloop
@@ -226,7 +226,7 @@ def measure(
     server_cpu0 = cpu_seconds(server.process.pid)
     client_cpu0 = time.process_time()
     wall0 = time.perf_counter()
-    latencies, errors, window = _run_loop(
+    latencies, errors, window = run_loop(
         closed_loop(server.port, requests, concurrency, warmup_s, seconds)
     )
     wall = time.perf_counter() - wall0

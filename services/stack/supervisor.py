@@ -341,7 +341,7 @@ def stack_processes(settings: StackSettings) -> list[psutil.Process]:
     pid = supervisord_pid(settings)
     if pid is not None:
         found.update((p.pid, p) for p in _descendants(pid))
-    for process in psutil.process_iter(["pid", "cmdline", "environ"]):
+    for process in psutil.process_iter(["pid", "cmdline"]):
         try:
             cmdline = " ".join(process.info["cmdline"] or [])
         except (psutil.NoSuchProcess, psutil.AccessDenied):
