@@ -9,10 +9,14 @@ label values) and status code.
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram
 from prometheus_client import generate_latest as _generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -48,6 +52,16 @@ def http_metrics(registry: CollectorRegistry, namespace: str) -> tuple[Histogram
     return duration, in_flight
 
 
+MetricT = TypeVar("MetricT", bound=MetricWrapperBase)
+
+
+def labelled(metric: MetricT) -> Callable[..., MetricT]:
+    """``metric.labels`` remembered per label values, for per-request paths: prometheus_client
+    validates and joins the label values on every ``labels`` call, which costs more than the
+    observation itself. Only for labels with few values (routes, statuses, backends)."""
+    return functools.cache(metric.labels)
+
+
 def route_label(scope: Scope) -> str:
     """The matched route's template (``/v2/models/{model}``), set by Starlette's router."""
     route = scope.get("route")
@@ -63,7 +77,7 @@ class RequestMetrics:
 
     def __init__(self, app: ASGIApp, duration: Histogram, in_flight: Gauge) -> None:
         self.app = app
-        self.duration = duration
+        self.duration = labelled(duration)
         self.in_flight = in_flight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -90,7 +104,7 @@ class RequestMetrics:
             raise
         finally:
             self.in_flight.dec()
-            self.duration.labels(scope["method"], route_label(scope), str(status)).observe(
+            self.duration(scope["method"], route_label(scope), str(status)).observe(
                 time.perf_counter() - start
             )
 

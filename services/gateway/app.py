@@ -27,7 +27,6 @@ from urllib.parse import parse_qs
 
 import orjson
 from fastapi import FastAPI, Request, Response
-from prometheus_client import Histogram
 from pydantic import ValidationError
 from starlette.datastructures import MutableHeaders
 from starlette.routing import Match, Route
@@ -42,7 +41,7 @@ from services.common.errors import (
 from services.common.heap import freeze_startup_heap
 from services.common.http import NO_FASTAPI_TELEMETRY, install_service_middleware
 from services.common.imaging import ImageDecodeError, decode_base64
-from services.common.metrics import metrics_response
+from services.common.metrics import labelled, metrics_response
 from services.common.schemas import ErrorResponse, PredictRequest, PredictResponse, require_json
 from services.gateway.backends import Backend, EncodedImage, create_backends
 from services.gateway.metrics import ALL_BACKENDS, NO_BACKEND, GatewayMetrics
@@ -191,7 +190,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     metrics = GatewayMetrics.create()
     api_key = settings.api_key.get_secret_value().encode() if settings.api_key else None
     model_label = settings.model
-    durations: dict[tuple[str, int], Histogram] = {}
+    request_duration = labelled(metrics.request_duration)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -307,13 +306,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             metrics.errors.labels(str(status), exc.code).inc()
             raise
         finally:
-            key = (served, status)
-            histogram = durations.get(key)
-            if histogram is None:  # label lookups cost more than the observation: keep them
-                histogram = durations[key] = metrics.request_duration.labels(
-                    served, model_label, str(status)
-                )
-            histogram.observe(time.perf_counter() - start)
+            request_duration(served, model_label, str(status)).observe(time.perf_counter() - start)
 
     # Requests to /predict are served by a plain Starlette route put in front of FastAPI's,
     # calling the same function: FastAPI's per-request machinery (dependency resolution,
