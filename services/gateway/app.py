@@ -215,6 +215,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             for task in state.tasks:
                 task.cancel()
             await asyncio.gather(*state.tasks, return_exceptions=True)
+            for guard in guards.values():
+                guard.close()
             await asyncio.gather(*(b.aclose() for b in backends.values()))
 
     app = FastAPI(

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,25 +272,13 @@ def _malformed(backend: str, exc: Exception) -> EngineFault:
     return EngineFault(f"{backend} sent a malformed answer ({type(exc).__name__}: {exc})")
 
 
-@dataclass(slots=True)
-class _Waiting:
-    """A predictor request queued while `predictor_coalesce_calls` calls are in flight."""
-
-    images: Sequence[EncodedImage]
-    top_k: int
-    request_id: str
-    future: asyncio.Future[Answer]
-
-
 class PredictorBackend(HttpBackend):
-    """The predictor's `/predict`, with concurrent requests coalesced under load.
+    """The predictor's `/predict`, always in the `images` form.
 
-    Up to `predictor_coalesce_calls` calls go out at once; requests that arrive while they are
-    busy wait and leave together as one `images` call when one returns (no added delay when
-    the predictor keeps up). That spends the predictor's per-request HTTP work once per batch
-    instead of once per image, which is what a gateway in front of it otherwise costs. The
-    `images` form also tells the predictor not to hold the call back for its batching delay:
-    the gateway has nothing more to send until a call returns.
+    Under load the gateway merges concurrent requests into one such call
+    (:mod:`services.gateway.coalescing`); the `images` form also tells the predictor not to
+    hold a call back for its batching delay: the gateway has nothing more to send until a
+    call returns.
     """
 
     name: BackendName = "predictor"
@@ -300,93 +287,8 @@ class PredictorBackend(HttpBackend):
         super().__init__(settings.predictor_url, settings)
         self.predict_url = self.url("/predict")
         self.ready_url = self.url("/readyz")
-        self.max_calls = settings.predictor_coalesce_calls
-        self.max_images = settings.max_images
-        self._calls = 0
-        self._waiting: deque[_Waiting] = deque()
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def aclose(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await super().aclose()
 
     async def predict(self, images: Sequence[EncodedImage], top_k: int, request_id: str) -> Answer:
-        if self.max_calls == 0:
-            return await self._call(images, top_k, request_id)
-        if self._calls < self.max_calls and not self._waiting:
-            self._calls += 1
-            try:
-                return await self._call(images, top_k, request_id)
-            finally:
-                self._calls -= 1
-                self._start_next()
-        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Waiting(images, top_k, request_id, future))
-        self._start_next()
-        return await future
-
-    def _start_next(self) -> None:
-        """Send the waiting requests (one `top_k` at a time) as one call, if a slot is free."""
-        while self._waiting and self._waiting[0].future.done():
-            self._waiting.popleft()  # its caller gave up (timeout, disconnect)
-        if not self._waiting or self._calls >= self.max_calls:
-            return
-        top_k = self._waiting[0].top_k
-        group: list[_Waiting] = []
-        count = 0
-        for waiting in list(self._waiting):
-            if waiting.top_k != top_k or waiting.future.done():
-                continue
-            if group and count + len(waiting.images) > self.max_images:
-                break
-            group.append(waiting)
-            count += len(waiting.images)
-            self._waiting.remove(waiting)
-        self._calls += 1
-        task = asyncio.create_task(self._run_group(group))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _run_group(self, group: list[_Waiting]) -> None:
-        try:
-            images = [image for waiting in group for image in waiting.images]
-            try:
-                answer = await self._call(images, group[0].top_k, group[0].request_id)
-            except EngineRejected:
-                if len(group) == 1:
-                    raise
-                # One bad image spoils a merged call: ask again request by request, so only
-                # its own request gets the 4xx.
-                results = await asyncio.gather(
-                    *(self._call(w.images, w.top_k, w.request_id) for w in group),
-                    return_exceptions=True,
-                )
-                for waiting, result in zip(group, results, strict=True):
-                    if waiting.future.done():
-                        continue
-                    if isinstance(result, BaseException):
-                        waiting.future.set_exception(result)
-                    else:
-                        waiting.future.set_result(result)
-                return
-            start = 0
-            for waiting in group:
-                end = start + len(waiting.images)
-                if not waiting.future.done():
-                    waiting.future.set_result(
-                        Answer(answer.model, answer.version, answer.predictions[start:end])
-                    )
-                start = end
-        except Exception as exc:  # every member fails the way a lone call would
-            for waiting in group:
-                if not waiting.future.done():
-                    waiting.future.set_exception(exc)
-        finally:
-            self._calls -= 1
-            self._start_next()
-
-    async def _call(self, images: Sequence[EncodedImage], top_k: int, request_id: str) -> Answer:
         # Always the `images` form, even for one image: it tells the predictor that this call
         # is a batch already, so it does not hold it back waiting for other requests (the
         # gateway's other callers are queued here until a call returns).

@@ -1,7 +1,9 @@
 """Timeouts, retries, circuit breaking and health state around one engine.
 
-An :class:`EngineGuard` wraps a :class:`~services.gateway.backends.Backend`. One call goes
-through, from the outside in:
+An :class:`EngineGuard` wraps a :class:`~services.gateway.backends.Backend`. A request first
+meets the engine's :class:`~services.gateway.coalescing.Coalescer`, if it has one (the
+predictor: concurrent requests merged into one call); one call then goes through, from the
+outside in:
 
 1. the circuit breaker (aiobreaker): after ``breaker_failures`` consecutive failures
    (unreachable, 5xx, timeout) the engine gets no traffic for ``breaker_reset_s``, then one
@@ -48,6 +50,7 @@ from services.gateway.backends import (
     EngineUnavailable,
     Readiness,
 )
+from services.gateway.coalescing import Coalescer
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import BackendName, GatewaySettings
 
@@ -113,6 +116,12 @@ class EngineGuard:
             outcome: metrics.upstream_duration.labels(self.name, outcome)
             for outcome in ("ok", "rejected", "connect", "unavailable", "fault", "timeout")
         }
+        coalesce_calls = settings.coalesce_calls_for(self.name)
+        self.coalescer = (
+            Coalescer(self.name, self.call, coalesce_calls, settings.max_images, self.timeout_s)
+            if coalesce_calls
+            else None
+        )
 
     # --- state ---------------------------------------------------------------------------
 
@@ -172,8 +181,20 @@ class EngineGuard:
 
     # --- calls ---------------------------------------------------------------------------
 
+    def close(self) -> None:
+        """Cancel merged calls still in flight (shutdown)."""
+        if self.coalescer is not None:
+            self.coalescer.close()
+
     async def predict(self, images: Sequence[EncodedImage], top_k: int, request_id: str) -> Answer:
-        """The engine's answer, or a :class:`BackendError` saying what went wrong."""
+        """The engine's answer, or a :class:`BackendError` saying what went wrong; merged with
+        other requests' into one call under load when the engine coalesces."""
+        if self.coalescer is not None:
+            return await self.coalescer.predict(images, top_k, request_id)
+        return await self.call(images, top_k, request_id)
+
+    async def call(self, images: Sequence[EncodedImage], top_k: int, request_id: str) -> Answer:
+        """One engine call through the breaker, the deadline and retries, recorded once."""
         start = time.perf_counter()
         outcome = "ok"
         try:

@@ -149,6 +149,11 @@ class GatewaySettings(ServiceSettings):
             raise ValueError("weights must not all be 0")
         return self
 
+    def coalesce_calls_for(self, backend: BackendName) -> int:
+        """Calls in flight before requests to ``backend`` are merged (0: never; only the
+        predictor takes several requests' images in one call)."""
+        return self.predictor_coalesce_calls if backend == "predictor" else 0
+
     def timeout_for(self, backend: BackendName) -> float:
         specific: float | None = getattr(self, f"{backend}_timeout_s")
         return specific if specific is not None else self.timeout_s

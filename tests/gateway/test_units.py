@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import math
 import subprocess
@@ -22,6 +23,7 @@ from services.gateway.app import create_app, parse_body
 from services.gateway.backends import (
     Answer,
     ConnectFailed,
+    EncodedImage,
     EngineFault,
     EngineRejected,
     EngineTimeout,
@@ -267,6 +269,38 @@ async def test_the_breaker_opens_on_engine_failures_not_on_bad_images() -> None:
     guard.ready = False
     await guard.check()
     assert guard.breaker_state == "closed" and guard.available
+
+
+async def test_a_merged_predictor_call_is_one_engine_call_to_the_breaker_and_metrics() -> None:
+    """Requests merged into one predictor call share its outcome: one engine failure is one
+    failure for the breaker and one upstream observation, however many requests it carried."""
+    release = asyncio.Event()
+
+    class StallThenFail(FlakyBackend):
+        async def predict(self, images: object, top_k: int, request_id: str) -> Answer:
+            self.calls += 1
+            await release.wait()
+            raise EngineFault("500")
+
+    backend = StallThenFail(0, EngineFault("500"))
+    settings = isolated_settings(
+        breaker_failures=3, breaker_reset_s=300, retries=0, predictor_coalesce_calls=1
+    )
+    metrics = GatewayMetrics.create()
+    guard = EngineGuard(backend, settings, metrics)  # type: ignore[arg-type]
+    guard.ready = True
+    image = EncodedImage(text=PNG, data=b"png")
+    calls = [asyncio.create_task(guard.predict([image], 1, f"r{i}")) for i in range(8)]
+    await asyncio.sleep(0.05)  # the first call is out, the other seven queue behind it
+    release.set()
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    assert [type(outcome) for outcome in outcomes] == [EngineFault] * 8
+    assert backend.calls == 2  # the first alone, then the seven merged
+    assert guard.breaker_state == "closed" and guard.available  # 2 failures < 3
+    observed = metrics.registry.get_sample_value(
+        "gateway_upstream_duration_seconds_count", {"backend": "predictor", "outcome": "fault"}
+    )
+    assert observed == 2
 
 
 async def test_an_unexpected_error_is_a_json_500_that_names_the_request(
