@@ -8,7 +8,8 @@ logged with the request id, never a traceback to the caller).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -86,9 +87,10 @@ def error_response(
     )
 
 
-def _describe_validation(exc: RequestValidationError) -> str:
+def describe_validation(errors: Sequence[Any]) -> str:
+    """The first few of pydantic's (or FastAPI's) validation errors as ``where: what; ...``."""
     parts = []
-    for err in exc.errors()[:5]:
+    for err in errors[:5]:
         location = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
         parts.append(f"{location}: {err.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request"
@@ -103,7 +105,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, _describe_validation(exc), "invalid_request")
+        return error_response(422, describe_validation(exc.errors()), "invalid_request")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

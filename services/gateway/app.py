@@ -37,6 +37,7 @@ from services.common.errors import (
     BadRequest,
     ServiceError,
     Unprocessable,
+    describe_validation,
 )
 from services.common.heap import freeze_startup_heap
 from services.common.http import NO_FASTAPI_TELEMETRY, install_service_middleware
@@ -150,11 +151,7 @@ def parse_body(
         errors = exc.errors(include_url=False)
         if any(err.get("type") == "json_invalid" for err in errors):
             raise BadRequest("request body is not valid JSON", "invalid_json") from None
-        parts = []
-        for err in errors[:5]:
-            where = ".".join(str(p) for p in err.get("loc", ())) or "body"
-            parts.append(f"{where}: {err.get('msg', 'invalid')}")
-        raise Unprocessable("; ".join(parts), "invalid_request") from None
+        raise Unprocessable(describe_validation(errors), "invalid_request") from None
     texts = request.image_texts(max_images)
     images = []
     for index, text in enumerate(texts):

@@ -18,7 +18,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from services.common.errors import BadRequest, NotFound, PayloadTooLarge
+from services.common.errors import BadRequest, NotFound, PayloadTooLarge, describe_validation
 from services.common.imaging import InputSpec
 from services.predictor import SERVER_NAME, SERVER_VERSION
 from services.predictor.engines import FloatArray, LoadedModel
@@ -119,14 +119,6 @@ def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
     return result
 
 
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:5]:
-        location = ".".join(str(p) for p in err["loc"]) or "body"
-        parts.append(f"{location}: {err['msg']}")
-    return "invalid inference request: " + "; ".join(parts)
-
-
 def _flag(parameters: dict[str, Any] | None, key: str, default: bool) -> bool:
     value = (parameters or {}).get(key, default)
     if not isinstance(value, bool):
@@ -159,7 +151,8 @@ def parse_infer(
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"body is not valid JSON: {exc}", "invalid_json") from None
     except ValidationError as exc:
-        raise BadRequest(_describe(exc), "invalid_request") from None
+        message = "invalid inference request: " + describe_validation(exc.errors())
+        raise BadRequest(message, "invalid_request") from None
 
     if len(request.inputs) != 1:
         raise BadRequest(f"expected one input named {spec.name!r}", "invalid_input")
