@@ -32,6 +32,15 @@ _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
 _BASE64_CHARS = re.compile(rb"^[A-Za-z0-9+/]*={0,2}$")
 
 
+IMAGE_TOO_LARGE = "image_too_large"
+
+
+def image_error_status(code: str) -> int:
+    """The HTTP status of an unusable image the caller sent: 413 when it has too many pixels,
+    400 for everything else (not an image, corrupt, bad base64, ...)."""
+    return 413 if code == IMAGE_TOO_LARGE else 400
+
+
 class ImageDecodeError(ValueError):
     """The caller sent something that is not a usable image. ``code`` is machine-readable."""
 
@@ -107,7 +116,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
                 raise ImageDecodeError(
                     f"image is {width}x{height} = {width * height} pixels, "
                     f"more than the limit of {max_pixels}",
-                    "image_too_large",
+                    IMAGE_TOO_LARGE,
                 )
             if image.format == "JPEG":
                 # Let libjpeg scale big photos down while decoding: far less work for small targets.
@@ -118,7 +127,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     except UnidentifiedImageError:
         raise ImageDecodeError("data is not a recognised image format", "not_an_image") from None
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(str(exc), "image_too_large") from None
+        raise ImageDecodeError(str(exc), IMAGE_TOO_LARGE) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(f"image could not be decoded: {exc}", "corrupt_image") from None
     return to_rgb(image)

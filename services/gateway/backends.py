@@ -36,6 +36,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from services.common.imaging import image_error_status
 from services.gateway.settings import BackendName, GatewaySettings
 from services.torchserve.launcher import Keys, read_keys
 from services.triton.protocol import IMAGE_INPUT, LOGITS_OUTPUT, ensemble_name, parse_error
@@ -539,7 +540,7 @@ class TritonBackend(HttpBackend):
             tagged = parse_error(message)
             if tagged is not None:  # our preprocess model's verdict on the image
                 code, text = tagged
-                return EngineRejected(text, code, 413 if code == "image_too_large" else 400)
+                return EngineRejected(text, code, image_error_status(code))
             # Triton's own 400 (shape, datatype): the gateway and the model disagree about the
             # protocol, not the caller's fault.
             return EngineFault(f"triton refused the request: {message}", "engine_fault")

@@ -19,7 +19,7 @@ from services.common.errors import (
     Timeout,
     Unavailable,
 )
-from services.common.imaging import ImageDecodeError
+from services.common.imaging import ImageDecodeError, image_error_status
 from services.predictor.batcher import (
     BatcherClosed,
     Decoder,
@@ -124,9 +124,8 @@ class Deadline:
 
 def image_error(exc: ImageDecodeError, where: str = "") -> ServiceError:
     """A decoding failure is the caller's: 413 for too many pixels, 400 for the rest."""
-    if exc.code == "image_too_large":
-        return PayloadTooLarge(where + exc.message, exc.code)
-    return BadRequest(where + exc.message, exc.code)
+    error = PayloadTooLarge if image_error_status(exc.code) == 413 else BadRequest
+    return error(where + exc.message, exc.code)
 
 
 def get_state(request: Request) -> PredictorState:

@@ -45,6 +45,7 @@ from services.common.imaging import (
     ImageDecodeError,
     decode_and_preprocess,
     decode_base64,
+    image_error_status,
     top_k_predictions,
 )
 from services.common.repository import MANIFEST_NAME, Manifest, sha256_file
@@ -62,8 +63,7 @@ BATCH_LOG_PREFIX = "batch_size="
 
 _JSON_TYPES = ("application/json",)
 _DIGITS = re.compile(r"\+?[0-9]{1,6}", re.ASCII)
-_STATUS_FOR_CODE = {
-    "image_too_large": 413,
+_STATUS_FOR_CODE = {  # the handler's own request errors; the image's from imaging
     "unsupported_media_type": 415,
     "invalid_type": 422,
     "invalid_top_k": 422,
@@ -81,7 +81,7 @@ def request_error(message: str, code: str) -> ImageDecodeError:
 
 
 def status_for(code: str) -> int:
-    return _STATUS_FOR_CODE.get(code, 400)
+    return _STATUS_FOR_CODE.get(code) or image_error_status(code)
 
 
 def reason_phrase(message: str) -> str:
