@@ -26,17 +26,17 @@ to another engine, :class:`EngineTimeout` becomes a 504.
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
+import numpy as np
 import orjson
 from yarl import URL
 
-from services.common.imaging import image_error_status
+from services.common.imaging import image_error_status, top_k_predictions
 from services.gateway.settings import BackendName, GatewaySettings
 from services.torchserve.launcher import Keys, read_keys
 from services.triton.protocol import IMAGE_INPUT, LOGITS_OUTPUT, ensemble_name, parse_error
@@ -556,21 +556,17 @@ class TritonBackend(HttpBackend):
 
 
 def classification_top_k(row: Sequence[str], top_k: int) -> list[dict[str, Any]]:
-    """Triton classification strings ``"logit:index:label"`` for every class -> the ``top_k``
-    best as ``{"label", "class_id", "score"}`` with softmax scores, like the other engines."""
-    parsed = []
-    for item in row:
-        score, index, label = item.split(":", 2)
-        parsed.append((float(score), int(index), label))
-    peak = max(score for score, _, _ in parsed)
-    exps = [math.exp(score - peak) for score, _, _ in parsed]
-    total = sum(exps)
-    # Triton sorts by score, highest first; sort again so equal scores order by class id.
-    ranked = sorted(zip(exps, parsed, strict=True), key=lambda pair: (-pair[1][0], pair[1][1]))
-    return [
-        {"label": label, "class_id": index, "score": exp / total}
-        for exp, (_, index, label) in ranked[:top_k]
-    ]
+    """Triton classification strings ``"logit:index:label"`` -> the ``top_k`` best as
+    ``{"label", "class_id", "score"}``, through the same softmax and ranking as the other
+    engines (:func:`~services.common.imaging.top_k_predictions`)."""
+    parsed = [item.split(":", 2) for item in row]
+    classes = max(int(index) for _, index, _ in parsed) + 1
+    logits = np.full(classes, -np.inf, dtype=np.float32)  # a class not listed gets no share
+    labels = [""] * classes
+    for score, index, label in parsed:
+        logits[int(index)] = float(score)
+        labels[int(index)] = label
+    return top_k_predictions(logits, labels, min(top_k, len(parsed)))[0]
 
 
 def create_backends(settings: GatewaySettings) -> dict[BackendName, Backend]:
