@@ -47,7 +47,7 @@ from services.common.schemas import ErrorResponse, PredictRequest, PredictRespon
 from services.gateway.backends import Backend, EncodedImage, create_backends
 from services.gateway.metrics import ALL_BACKENDS, NO_BACKEND, GatewayMetrics
 from services.gateway.resilience import EngineGuard
-from services.gateway.routing import ALL, Router, RoutingError
+from services.gateway.routing import Router, RoutingError
 from services.gateway.settings import BackendName, GatewaySettings
 
 logger = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             # Read by hand, not declared as a parameter: FastAPI's parameter machinery costs
             # more per request than the rest of the gateway's own work (see _PREDICT_DOC).
             backend = requested_backend(request.scope.get("query_string", b""))
-            if backend == ALL:
+            if backend == ALL_BACKENDS:
                 served = ALL_BACKENDS
                 status, payload = await state.router.compare(
                     images, body.top_k, request_id, single=body.image is not None

@@ -16,7 +16,7 @@ from services.common.metrics import LATENCY_BUCKETS, http_metrics
 NAMESPACE = "gateway"
 #: ``backend`` label of a request answered before any engine was chosen (bad input, bad key).
 NO_BACKEND = "none"
-#: ``backend`` label of a compare-mode request.
+#: ``?backend=`` value of compare mode, and the ``backend`` label of such a request.
 ALL_BACKENDS = "all"
 
 

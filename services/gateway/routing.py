@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.common.errors import BadRequest, PayloadTooLarge, ServiceError, Timeout, Unavailable
+from services.common.errors import BadRequest, ServiceError, Timeout, Unavailable
 from services.gateway.backends import (
     Answer,
     BackendError,
@@ -30,11 +30,9 @@ from services.gateway.backends import (
     EngineRejected,
     EngineTimeout,
 )
-from services.gateway.metrics import GatewayMetrics
+from services.gateway.metrics import ALL_BACKENDS, GatewayMetrics
 from services.gateway.resilience import EngineGuard
 from services.gateway.settings import BackendName, GatewaySettings
-
-ALL = "all"
 
 
 class EngineRefusedInput(ServiceError):
@@ -63,12 +61,6 @@ class Served:
     skipped: list[str] = field(default_factory=list)
 
 
-def rejected_error(exc: EngineRejected) -> ServiceError:
-    if exc.status == 413:
-        return PayloadTooLarge(exc.message, exc.code)
-    return EngineRefusedInput(exc)
-
-
 class Router:
     def __init__(
         self,
@@ -89,7 +81,7 @@ class Router:
             for name in self.guards:
                 if name == requested:
                     return name
-            known = ", ".join([*self.guards, ALL])
+            known = ", ".join([*self.guards, ALL_BACKENDS])
             raise BadRequest(
                 f"unknown backend {requested!r}; use one of: {known}", "unknown_backend"
             )
@@ -122,7 +114,7 @@ class Router:
             try:
                 answer = await guard.predict(images, top_k, request_id)
             except EngineRejected as exc:
-                raise RoutingError(rejected_error(exc), guard.name) from None
+                raise RoutingError(EngineRefusedInput(exc), guard.name) from None
             except EngineTimeout as exc:
                 raise RoutingError(Timeout(exc.message, "timeout"), guard.name) from None
             except BackendError as exc:  # unavailable: try the next one
@@ -160,7 +152,7 @@ class Router:
         ).inc()
         body: dict[str, Any] = {
             "model": self.settings.model,
-            "backend": ALL,
+            "backend": ALL_BACKENDS,
             "agree": agree,
             "answered": [r["backend"] for r in answered],
             "results": results,
@@ -198,7 +190,7 @@ class Router:
         try:
             answer = await guard.predict(images, top_k, request_id)
         except EngineRejected as exc:
-            error = rejected_error(exc)
+            error = EngineRefusedInput(exc)
             result.update(status=error.status_code, error=error.message, code=error.code)
         except EngineTimeout as exc:
             result.update(status=504, error=exc.message, code="timeout")
