@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic_settings import BaseSettings
 
+from loadtests.targets import LoadTestSettings
 from services.gateway.settings import GatewaySettings
 from services.predictor.settings import PredictorSettings
 from services.stack.settings import StackSettings
@@ -21,7 +22,14 @@ README = (ROOT / "README.md").read_text()
 
 @pytest.mark.parametrize(
     "settings_cls",
-    [GatewaySettings, PredictorSettings, TorchServeSettings, TritonSettings, StackSettings],
+    [
+        GatewaySettings,
+        PredictorSettings,
+        TorchServeSettings,
+        TritonSettings,
+        StackSettings,
+        LoadTestSettings,
+    ],
 )
 def test_every_setting_is_documented(settings_cls: type[BaseSettings]) -> None:
     prefix = str(settings_cls.model_config.get("env_prefix", ""))
