@@ -42,7 +42,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from services.gateway.settings import GatewaySettings
 from services.predictor.settings import PredictorSettings
 from services.stack.settings import StackSettings
-from services.torchserve.config import TorchServeSettings
+from services.torchserve.config import KEY_FILE_NAME, TorchServeSettings, read_keys
 from services.triton.protocol import IMAGE_INPUT, LOGITS_OUTPUT, ensemble_name
 from services.triton.settings import TritonSettings
 
@@ -80,7 +80,7 @@ def _torchserve_url() -> str:
 def _torchserve_key_file() -> Path:
     """The key file of the stack's TorchServe (`make up`) if there is one, else of a TorchServe
     started on its own (`python -m services.torchserve up`)."""
-    in_stack = (StackSettings().run_dir / "torchserve" / "key_file.json").resolve()
+    in_stack = StackSettings().torchserve_run_dir / KEY_FILE_NAME
     standalone = TorchServeSettings().key_file
     return standalone if standalone.exists() and not in_stack.exists() else in_stack
 
@@ -153,14 +153,13 @@ class LoadTestSettings(BaseSettings):
         if self.torchserve_token:
             return self.torchserve_token
         try:
-            data = json.loads(self.torchserve_key_file.read_text())
-            return str(data["inference"]["key"])
+            return read_keys(self.torchserve_key_file).inference
         except FileNotFoundError:
             raise AnswerError(
                 f"TorchServe key file {self.torchserve_key_file} does not exist: is TorchServe "
                 "up? (set LOADTEST_TORCHSERVE_KEY_FILE or LOADTEST_TORCHSERVE_TOKEN)"
             ) from None
-        except (ValueError, KeyError, TypeError) as exc:
+        except ValueError as exc:
             raise AnswerError(
                 f"{self.torchserve_key_file} is not TorchServe's key file: {exc}"
             ) from None

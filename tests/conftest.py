@@ -21,6 +21,7 @@ import torch
 
 from services.common.imaging import decode_and_preprocess
 from services.common.repository import Manifest, read_manifest
+from services.torchserve.config import KEY_FILE_NAME, read_keys
 from training.data import digit_images, split_indices
 from training.publish import publish_checkpoint
 from training.trainer import TrainConfig, load_checkpoint, model_from_checkpoint, train
@@ -118,12 +119,10 @@ class LocalStack:
 
     @property
     def torchserve_key_file(self) -> Path:
-        return self.run_dir / "torchserve" / "key_file.json"
+        return self.run_dir / "torchserve" / KEY_FILE_NAME
 
     @property
     def torchserve_token(self) -> str:
-        from services.torchserve.launcher import read_keys
-
         return read_keys(self.torchserve_key_file).inference
 
     def make(self, target: str) -> subprocess.CompletedProcess[str]:

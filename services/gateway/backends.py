@@ -38,7 +38,7 @@ from yarl import URL
 
 from services.common.imaging import image_error_status, top_k_predictions
 from services.gateway.settings import BackendName, GatewaySettings
-from services.torchserve.launcher import Keys, read_keys
+from services.torchserve.config import Keys, read_keys
 from services.triton.protocol import IMAGE_INPUT, LOGITS_OUTPUT, ensemble_name, parse_error
 
 Predictions = list[list[dict[str, Any]]]

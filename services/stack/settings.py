@@ -36,3 +36,8 @@ class StackSettings(BaseSettings):
     """How long `up` waits for the gateway's /readyz to report every engine ready."""
     stop_timeout_s: float = Field(default=60.0, gt=0)
     """How long `down` waits for every process to exit before killing what is left."""
+
+    @property
+    def torchserve_run_dir(self) -> Path:
+        """TorchServe's run folder inside the stack's (its key file is written there)."""
+        return self.run_dir.resolve() / "torchserve"

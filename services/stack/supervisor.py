@@ -23,6 +23,7 @@ import psutil
 
 from services.common.repository import list_versions
 from services.stack.settings import StackSettings
+from services.torchserve.config import KEY_FILE_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def programs(settings: StackSettings) -> list[Program]:
     repo = str(settings.repository.resolve())
     python = sys.executable
     pin = f"taskset -c {settings.server_cpus} " if settings.server_cpus else ""
-    torchserve_run = paths["run"] / "torchserve"
+    torchserve_run = settings.torchserve_run_dir
     common = {
         # The Triton python stub finds packages through the python3 first on PATH.
         "PATH": f"{_bin_dir()}:{os.environ.get('PATH', '/usr/bin:/bin')}",
@@ -108,7 +109,7 @@ def programs(settings: StackSettings) -> list[Program]:
             | {
                 "GATEWAY_PORT": str(settings.gateway_port),
                 "GATEWAY_MODEL": settings.model,
-                "GATEWAY_TORCHSERVE_KEY_FILE": str(torchserve_run / "key_file.json"),
+                "GATEWAY_TORCHSERVE_KEY_FILE": str(torchserve_run / KEY_FILE_NAME),
             },
         ),
         Program(

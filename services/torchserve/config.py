@@ -26,6 +26,7 @@ Security choices (README "TorchServe"):
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Self
 
@@ -33,6 +34,9 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.http import DEFAULT_MAX_BODY_BYTES
+
+#: Where TorchServe writes its token-authorization keys, in its working directory.
+KEY_FILE_NAME = "key_file.json"
 
 #: The metrics file (TorchServe 0.12's default metrics + the handler's batch counter); the
 #: launcher copies it into the run folder.
@@ -143,7 +147,7 @@ class TorchServeSettings(BaseSettings):
 
     @property
     def key_file(self) -> Path:
-        return self.run_path / "key_file.json"
+        return self.run_path / KEY_FILE_NAME
 
     def _client_host(self, host: str) -> str:
         return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
@@ -159,6 +163,27 @@ class TorchServeSettings(BaseSettings):
     @property
     def metrics_url(self) -> str:
         return f"http://{self._client_host(self.host)}:{self.metrics_port}"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The keys of TorchServe's key_file.json this project uses (it also holds an "API" key,
+    for the model API, which stays off)."""
+
+    inference: str
+    management: str
+
+
+def read_keys(key_file: Path) -> Keys:
+    """Parse TorchServe 0.12's key_file.json (raises FileNotFoundError/ValueError)."""
+    data = json.loads(key_file.read_text())
+    try:
+        return Keys(
+            inference=str(data["inference"]["key"]),
+            management=str(data["management"]["key"]),
+        )
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{key_file} has an unexpected shape: {exc}") from None
 
 
 def mar_name(model: str, version: int) -> str:

@@ -47,8 +47,10 @@ from services.common.repository import RepositoryError, load_version, newest_ver
 from services.torchserve.archive import ArchiveError, archive_path, build_archive
 from services.torchserve.config import (
     METRICS_CONFIG,
+    Keys,
     TorchServeSettings,
     mar_name,
+    read_keys,
     render_config,
 )
 
@@ -73,15 +75,6 @@ class TorchServeError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Keys:
-    """The three keys TorchServe writes into key_file.json."""
-
-    inference: str
-    management: str
-    api: str
-
-
-@dataclass(frozen=True)
 class Instance:
     """A running instance as ``up`` left it."""
 
@@ -101,19 +94,6 @@ class Instance:
 
     def predictions_url(self) -> str:
         return f"{self.settings.inference_url}/predictions/{self.settings.model}"
-
-
-def read_keys(key_file: Path) -> Keys:
-    """Parse TorchServe 0.12's key_file.json (raises FileNotFoundError/ValueError)."""
-    data = json.loads(key_file.read_text())
-    try:
-        return Keys(
-            inference=str(data["inference"]["key"]),
-            management=str(data["management"]["key"]),
-            api=str(data["API"]["key"]),
-        )
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"{key_file} has an unexpected shape: {exc}") from None
 
 
 # --------------------------------------------------------------------------- processes

@@ -12,8 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.torchserve.config import TorchServeSettings
-from services.torchserve.launcher import read_keys
+from services.torchserve.config import TorchServeSettings, read_keys
 from tests.conftest import PublishedModel
 from tests.processes import processes_naming
 from tests.torchserve.conftest import copy_repository, torchserve_settings
