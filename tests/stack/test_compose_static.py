@@ -623,6 +623,15 @@ def test_only_the_gateway_port_is_published_to_the_network(
         assert stack[job].get("network_mode") == "none", job
 
 
+def test_compose_locust_runs_only_the_users_it_can_reach() -> None:
+    """On the frontend network alone, Locust reaches the gateway and no engine: the direct
+    users would only fail, so the command selects the gateway users."""
+    locust = services()["locust"]
+    assert set(locust["networks"]) == {"frontend"}
+    command = locust["command"]
+    assert command[command.index("-T") + 1] == "gateway"
+
+
 def test_torchserve_container_renders_the_checked_in_compose_config(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
