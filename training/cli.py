@@ -157,8 +157,9 @@ def _add_publish_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-batch-size",
         type=int,
-        default=64,
-        help="max_batch_size written to config.pbtxt (default %(default)s)",
+        default=None,
+        help="max_batch_size written to the Triton config.pbtxt files "
+        "(default: TRITON_MAX_BATCH_SIZE, itself 64 by default)",
     )
 
 

@@ -177,9 +177,12 @@ def publish_checkpoint(
     model: str = DEFAULT_MODEL_NAME,
     *,
     keep: int | None = None,
-    max_batch_size: int = 64,
+    max_batch_size: int | None = None,
 ) -> int:
-    """Export, check and publish ``checkpoint_path`` as the next version; return its number."""
+    """Export, check and publish ``checkpoint_path`` as the next version; return its number.
+
+    The Triton configs take their batching from ``TritonSettings`` (``TRITON_*``);
+    ``max_batch_size``, when given, overrides ``TRITON_MAX_BATCH_SIZE``."""
     started = time.perf_counter()
     repo = repo.resolve()
     checkpoint = load_checkpoint(checkpoint_path)
@@ -217,7 +220,12 @@ def publish_checkpoint(
 
             # Configs of the native models, preprocess and the ensemble; they need only the
             # manifest, and name no version, so writing them before the commit is safe.
-            write_triton_models(repo, manifest, TritonSettings(max_batch_size=max_batch_size))
+            triton = (
+                TritonSettings()
+                if max_batch_size is None
+                else TritonSettings(max_batch_size=max_batch_size)
+            )
+            write_triton_models(repo, manifest, triton)
             for staged in (ts_dir, onnx_dir):  # the manifest's folder last: the commit point
                 move_into_place(staged, repo / staged.relative_to(staging))
             if keep is not None:
