@@ -95,6 +95,18 @@ def test_publish_layout_twice(trained_checkpoint: Path, tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".repo.staging-*"))
 
 
+def test_triton_batch_size_comes_from_triton_settings_unless_given(
+    trained_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = tmp_path / "repo"
+    config = repo / "classifier" / "config.pbtxt"
+    monkeypatch.setenv("TRITON_MAX_BATCH_SIZE", "32")
+    publish_checkpoint(trained_checkpoint, repo)
+    assert _parse_config(config).max_batch_size == 32
+    publish_checkpoint(trained_checkpoint, repo, max_batch_size=16)
+    assert _parse_config(config).max_batch_size == 16
+
+
 def test_crash_mid_publish_leaves_previous_version_serving(
     trained_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
