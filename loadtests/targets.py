@@ -27,7 +27,6 @@ import itertools
 import json
 import logging
 import math
-import struct
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ from services.gateway.settings import GatewaySettings
 from services.predictor.settings import PredictorSettings
 from services.stack.settings import StackSettings
 from services.torchserve.config import KEY_FILE_NAME, TorchServeSettings, read_keys
-from services.triton.protocol import IMAGE_INPUT, LOGITS_OUTPUT, ensemble_name
+from services.triton.protocol import LOGITS_OUTPUT, binary_infer_request, ensemble_name
 from services.triton.settings import TritonSettings
 
 logger = logging.getLogger(__name__)
@@ -456,30 +455,8 @@ class TritonTarget(Target):
         self.model = ensemble_name(settings.model)
 
     def call(self, image: Payload) -> Call:
-        tensor = struct.pack("<I", len(image.png)) + image.png
-        header = json.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": IMAGE_INPUT,
-                        "shape": [1, 1],
-                        "datatype": "BYTES",
-                        "parameters": {"binary_data_size": len(tensor)},
-                    }
-                ],
-                "outputs": [
-                    {
-                        "name": LOGITS_OUTPUT,
-                        "parameters": {"classification": self.settings.top_k, "binary_data": False},
-                    }
-                ],
-            }
-        ).encode()
-        headers = {
-            "Content-Type": "application/octet-stream",
-            "Inference-Header-Content-Length": str(len(header)),
-        }
-        return Call(f"/v2/models/{self.model}/infer", header + tensor, headers)
+        body, headers = binary_infer_request([image.png], self.settings.top_k)
+        return Call(f"/v2/models/{self.model}/infer", body, headers)
 
     def _parse_body(self, headers: Headers, body: bytes) -> Answer:
         return parse_triton_classification(body, self.model, self.settings.top_k)

@@ -39,7 +39,12 @@ from yarl import URL
 from services.common.imaging import image_error_status, top_k_predictions
 from services.gateway.settings import BackendName, GatewaySettings
 from services.torchserve.config import Keys, read_keys
-from services.triton.protocol import IMAGE_INPUT, LOGITS_OUTPUT, ensemble_name, parse_error
+from services.triton.protocol import (
+    LOGITS_OUTPUT,
+    binary_infer_request,
+    ensemble_name,
+    parse_error,
+)
 
 Predictions = list[list[dict[str, Any]]]
 
@@ -492,33 +497,10 @@ class TritonBackend(HttpBackend):
 
     async def predict(self, images: Sequence[EncodedImage], top_k: int, request_id: str) -> Answer:
         classes = await self._class_count()
-        payload = b"".join(len(i.data).to_bytes(4, "little") + i.data for i in images)
-        header = orjson.dumps(
-            {
-                "id": request_id,
-                "inputs": [
-                    {
-                        "name": IMAGE_INPUT,
-                        "shape": [len(images), 1],
-                        "datatype": "BYTES",
-                        "parameters": {"binary_data_size": len(payload)},
-                    }
-                ],
-                # Every class with its label: the scores Triton sends are logits, and the
-                # softmax needs all of them to give the probabilities the other engines give.
-                "outputs": [
-                    {
-                        "name": LOGITS_OUTPUT,
-                        "parameters": {"classification": classes, "binary_data": False},
-                    }
-                ],
-            }
-        )
-        headers = {
-            "content-type": "application/octet-stream",
-            "inference-header-content-length": str(len(header)),
-        }
-        reply = await self._send("POST", self.infer_url, header + payload, headers)
+        # Every class with its label: the scores Triton sends are logits, and the softmax needs
+        # all of them to give the probabilities the other engines give.
+        body, headers = binary_infer_request([i.data for i in images], classes, request_id)
+        reply = await self._send("POST", self.infer_url, body, headers)
         if reply.status != 200:
             raise self._error(reply)
         try:

@@ -1,9 +1,9 @@
 """What a Triton client of this project needs to know: model and tensor names, error format.
 
-The gateway's Triton backend imports these instead of repeating them. A request goes to
-``<model>_ensemble`` with one BYTES tensor ``IMAGE`` of shape ``[n, 1]`` (one encoded image per
-row) and reads FP32 ``LOGITS`` ``[n, classes]``; asking for ``LOGITS`` with ``class_count=k``
-returns Triton's classification strings ``"score:index:label"`` instead.
+The gateway's Triton backend and the load tests import these instead of repeating them. A
+request goes to ``<model>_ensemble`` with one BYTES tensor ``IMAGE`` of shape ``[n, 1]`` (one
+encoded image per row) and reads FP32 ``LOGITS`` ``[n, classes]``; asking for ``LOGITS`` with
+``class_count=k`` returns Triton's classification strings ``"score:index:label"`` instead.
 
 An image the model cannot use is answered HTTP 400 / gRPC INVALID_ARGUMENT with a message such
 as ``in ensemble 'classifier_ensemble', [not_an_image] data is not a recognised image format``:
@@ -13,6 +13,9 @@ the bracketed tag is the machine code of :class:`services.common.imaging.ImageDe
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+
+import orjson
 
 ENSEMBLE_SUFFIX = "_ensemble"
 PREPROCESS_MODEL = "preprocess"
@@ -25,6 +28,40 @@ LOGITS_OUTPUT = "LOGITS"
 
 _TAGGED = re.compile(r"\[(?P<code>[a-z][a-z0-9_]*)\]\s*(?P<message>.*)", re.DOTALL)
 _ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
+
+
+def binary_infer_request(
+    images: Sequence[bytes], classification: int, request_id: str | None = None
+) -> tuple[bytes, dict[str, str]]:
+    """Body and headers of an infer request for ``images`` in the binary tensor extension.
+
+    The JSON header comes first (its length in ``Inference-Header-Content-Length``), then the
+    ``IMAGE`` tensor: each image as a 4-byte little-endian length and its bytes. ``LOGITS``
+    comes back as JSON, the ``classification`` best classes of each image as Triton's
+    ``"score:index:label"`` strings.
+    """
+    payload = b"".join(len(image).to_bytes(4, "little") + image for image in images)
+    request: dict[str, object] = {} if request_id is None else {"id": request_id}
+    request["inputs"] = [
+        {
+            "name": IMAGE_INPUT,
+            "shape": [len(images), 1],
+            "datatype": "BYTES",
+            "parameters": {"binary_data_size": len(payload)},
+        }
+    ]
+    request["outputs"] = [
+        {
+            "name": LOGITS_OUTPUT,
+            "parameters": {"classification": classification, "binary_data": False},
+        }
+    ]
+    header = orjson.dumps(request)
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(len(header)),
+    }
+    return header + payload, headers
 
 
 def ensemble_name(model: str) -> str:
