@@ -18,8 +18,7 @@ import contextlib
 import http.client
 import os
 import threading
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,7 +36,7 @@ from services.triton.launcher import LocalTriton
 from tests.conftest import PublishedModel
 from tests.metrics import metric_samples, sample_sum
 from tests.predictor.conftest import PredictorProcess, get_json, start_predictor
-from tests.processes import ServiceProcess, free_port, processes_naming
+from tests.processes import ServiceProcess, free_port, processes_naming, wait_for
 from tests.torchserve.conftest import torchserve_settings
 from tests.triton.conftest import RunningTriton, triton_settings
 
@@ -45,16 +44,6 @@ ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 120.0
 #: The shared gateway's readiness poll: short, so tests see an engine's death or return soon.
 HEALTH_INTERVAL_S = 0.2
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
 class RestartablePredictor:

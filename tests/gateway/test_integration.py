@@ -4,7 +4,6 @@ failover when an engine dies, a bad-input battery that never reaches an engine, 
 
 from __future__ import annotations
 
-import base64
 import threading
 import uuid
 from collections import Counter
@@ -14,20 +13,14 @@ import httpx
 import pytest
 
 from tests.conftest import PublishedModel
-from tests.gateway.conftest import (
-    Engines,
-    GatewayProcess,
-    wait_for,
-)
+from tests.gateway.conftest import Engines, GatewayProcess
+from tests.images import b64
 from tests.metrics import metric_samples, sample_sum
+from tests.processes import wait_for
 
 pytestmark = pytest.mark.slow
 
 BACKENDS = ("predictor", "torchserve", "triton")
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 def post(

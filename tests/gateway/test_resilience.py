@@ -3,7 +3,6 @@ in front of the real engines, plus one fake engine that stalls on purpose."""
 
 from __future__ import annotations
 
-import base64
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,13 +16,10 @@ from tests.gateway.conftest import (
     gateway_app,
     isolated_settings,
 )
+from tests.images import b64
 from tests.processes import free_port
 
 pytestmark = pytest.mark.slow
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 def closed_port_url() -> str:

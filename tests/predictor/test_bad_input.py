@@ -12,9 +12,9 @@ import httpx
 import pytest
 
 from tests.conftest import PublishedModel
+from tests.images import b64, png_bomb
 from tests.metrics import Samples, metric_samples, sample_sum
 from tests.predictor.conftest import PredictorProcess
-from tests.predictor.images import b64, png_bomb
 
 pytestmark = pytest.mark.slow
 

@@ -26,7 +26,7 @@ from services.predictor.metrics import PredictorMetrics
 from services.predictor.reloader import ModelManager
 from services.predictor.settings import PredictorSettings
 from tests.conftest import PublishedModel
-from tests.predictor.images import b64
+from tests.images import b64
 
 WAIT_S = 30.0  # safety net for a deadlock, never expected to be reached
 

@@ -16,8 +16,8 @@ import pytest
 
 from services.common.repository import MANIFEST_NAME, TORCHSCRIPT_SUFFIX, sha256_file
 from tests.conftest import PublishedModel
+from tests.images import b64
 from tests.predictor.conftest import PredictorProcess, get_json, start_predictor
-from tests.predictor.images import b64
 from training.publish import publish_checkpoint
 
 pytestmark = pytest.mark.slow

@@ -13,8 +13,8 @@ import pytest
 
 from services.common.imaging import decode_and_preprocess
 from tests.conftest import PublishedModel
+from tests.images import LOSSLESS, b64, odd_variants
 from tests.predictor.conftest import PredictorProcess, start_predictor
-from tests.predictor.images import LOSSLESS, b64, odd_variants
 
 pytestmark = pytest.mark.slow
 

@@ -9,29 +9,19 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import LocalStack, held_out_digit_pngs
+from tests.processes import wait_for
 from tests.stack.test_compose_static import dashboard_metric_names, exposition_metric_names
 
 pytestmark = pytest.mark.slow
 
 BACKENDS = ("predictor", "torchserve", "triton")
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 def predict(stack: LocalStack, image: bytes, backend: str) -> httpx.Response:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import base64
 import re
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -17,6 +15,7 @@ import pytest
 
 from services.torchserve.launcher import Instance, describe
 from tests.conftest import PublishedModel
+from tests.images import png_bomb
 
 pytestmark = pytest.mark.slow
 
@@ -50,22 +49,6 @@ def batches_by_size(instance: Instance) -> dict[int, float]:
 def worker_state(instance: Instance) -> list[tuple[int, str]]:
     entries = describe(instance.settings, instance.keys, instance.version)
     return [(int(w["pid"]), str(w["status"])) for e in entries for w in e["workers"]]
-
-
-def png_bomb(width: int = 20_000, height: int = 20_000) -> bytes:
-    """A valid PNG header claiming width x height pixels, with almost no pixel data."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 4096))
-        + chunk(b"IEND", b"")
-    )
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Image builders for the predictor tests: odd-but-valid formats and hostile files."""
+"""Image builders for the tests: base64, odd-but-valid formats and hostile files."""
 
 from __future__ import annotations
 
