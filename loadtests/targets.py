@@ -360,9 +360,6 @@ class Target:
         self.settings = settings
         self.backend = backend
 
-    def default_base_url(self) -> str:
-        return self.settings.engine_url(self.backend)
-
     def call(self, image: Payload) -> Call:
         raise NotImplementedError
 
@@ -389,9 +386,6 @@ class GatewayTarget(Target):
     def __init__(self, settings: LoadTestSettings, backend: str) -> None:
         super().__init__(settings, backend)
         self.name = f"gateway:{backend}"
-
-    def default_base_url(self) -> str:
-        return self.settings.gateway_url.rstrip("/")
 
     def call(self, image: Payload) -> Call:
         call = self._json_call(f"/predict?backend={self.backend}", image)

@@ -18,6 +18,7 @@ The wheel ships Triton 2.51 with only the python backend. :class:`LocalTriton`:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -118,11 +119,16 @@ class LocalTriton:
         self.pid_path = self.run_dir / PID_FILE
         self.process: subprocess.Popen[bytes] | None = None
 
+    @functools.cached_property
+    def distribution(self) -> Distribution:
+        """The tritonserver install (found once, on first use: prepare, command, environment)."""
+        return Distribution.find(self.settings.tritonserver)
+
     # --- preparing ---------------------------------------------------------------------
 
     def prepare(self) -> int:
         """Generate the repository and the backend directory; return the served version."""
-        dist = Distribution.find(self.settings.tritonserver)
+        dist = self.distribution
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             version = write_local_repository(
@@ -147,7 +153,7 @@ class LocalTriton:
 
     def command(self) -> list[str]:
         s = self.settings
-        dist = Distribution.find(s.tritonserver)
+        dist = self.distribution
         # A prefix unique to this run folder and process keeps two servers (a developer's stack
         # and a test run) from opening each other's python-backend shared memory regions.
         digest = hashlib.sha1(str(self.run_dir).encode()).hexdigest()[:8]
@@ -180,7 +186,7 @@ class LocalTriton:
         ]
 
     def environment(self) -> dict[str, str]:
-        dist = Distribution.find(self.settings.tritonserver)
+        dist = self.distribution
         env = dict(os.environ)
         venv_bin = str(Path(sys.executable).parent)
         env["PATH"] = os.pathsep.join([venv_bin, env.get("PATH", "")])
