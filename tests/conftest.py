@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,6 +53,19 @@ class PublishedModel:
     checkpoint: Path
     images: list[bytes]
     expected_top1: list[int]
+
+    def copy_repository(self, folder: Path) -> Path:
+        """A private copy of the repository in ``folder``: the session's is shared, never edit
+        it (tests that publish, corrupt or serve a version of their own use a copy)."""
+        target = folder / "model_repository"
+        ignore = shutil.ignore_patterns(".publish.lock")
+        shutil.copytree(self.repo, target, symlinks=True, ignore=ignore)
+        return target
+
+
+@pytest.fixture
+def repo_copy(published_model: PublishedModel, tmp_path: Path) -> Path:
+    return published_model.copy_repository(tmp_path)
 
 
 def png_bytes(image: object) -> bytes:

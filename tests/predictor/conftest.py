@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import shutil
 import time
 import urllib.error
 import urllib.request
@@ -95,11 +94,3 @@ def onnx_predictor(published_model: Any, tmp_path_factory: pytest.TempPathFactor
     server = start_predictor(published_model.repo, log, engine="onnx", poll_interval_s=0)
     yield server
     server.stop()
-
-
-@pytest.fixture
-def repo_copy(published_model: Any, tmp_path: Path) -> Path:
-    """A private copy of the published repository, for tests that publish or corrupt versions."""
-    target = tmp_path / "model_repository"
-    shutil.copytree(published_model.repo, target)
-    return target

@@ -28,9 +28,7 @@ WORKERS = 8
 
 @pytest.fixture(scope="module")
 def served_repo(published_model: PublishedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = tmp_path_factory.mktemp("reload") / "model_repository"
-    shutil.copytree(published_model.repo, repo)
-    return repo
+    return published_model.copy_repository(tmp_path_factory.mktemp("reload"))
 
 
 @pytest.fixture(scope="module")

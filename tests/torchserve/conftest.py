@@ -9,7 +9,6 @@ the process group and checks /proc: no wrapper, JVM or worker of that run folder
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,19 +43,13 @@ def torchserve_settings(
         )
 
 
-def copy_repository(published_model: PublishedModel, dest: Path) -> Path:
-    repo = dest / "model_repository"
-    shutil.copytree(published_model.repo, repo, ignore=shutil.ignore_patterns(".publish.lock"))
-    return repo
-
-
 @pytest.fixture(scope="session")
 def torchserve(
     published_model: PublishedModel, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Instance]:
     base = tmp_path_factory.mktemp("torchserve")
     settings = torchserve_settings(
-        copy_repository(published_model, base), published_model.model, base / "run"
+        published_model.copy_repository(base), published_model.model, base / "run"
     )
     instance = up(settings)
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -61,8 +60,7 @@ def test_published_version_already_holds_its_archive(published_model: PublishedM
 def test_archive_refuses_a_model_file_that_does_not_match_the_manifest(
     published_model: PublishedModel, tmp_path: Path
 ) -> None:
-    repo = tmp_path / "repo"
-    shutil.copytree(published_model.repo, repo)
+    repo = published_model.copy_repository(tmp_path)
     manifest = read_manifest(repo, published_model.model, published_model.version)
     model_pt = repo / manifest.artifacts["torchscript"].path
     model_pt.write_bytes(model_pt.read_bytes() + b"tampered")

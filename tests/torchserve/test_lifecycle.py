@@ -15,7 +15,7 @@ import pytest
 from services.torchserve.config import TorchServeSettings, read_keys
 from tests.conftest import PublishedModel
 from tests.processes import processes_naming
-from tests.torchserve.conftest import copy_repository, torchserve_settings
+from tests.torchserve.conftest import torchserve_settings
 from training.publish import publish_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -89,7 +89,7 @@ def served(settings: TorchServeSettings) -> tuple[int, dict[str, list[str]]]:
 def test_up_reload_down_serves_new_versions_without_dropping_requests(
     published_model: PublishedModel, tmp_path: Path
 ) -> None:
-    repo = copy_repository(published_model, tmp_path)
+    repo = published_model.copy_repository(tmp_path)
     settings = torchserve_settings(repo, published_model.model, tmp_path / "run")
     first = published_model.version
     try:
@@ -128,7 +128,7 @@ def test_up_reload_down_serves_new_versions_without_dropping_requests(
 def test_up_refuses_a_damaged_version_in_one_line(
     published_model: PublishedModel, tmp_path: Path
 ) -> None:
-    repo = copy_repository(published_model, tmp_path)
+    repo = published_model.copy_repository(tmp_path)
     model_pt = repo / published_model.manifest.artifacts["torchscript"].path
     damaged = bytearray(model_pt.read_bytes())
     damaged[len(damaged) // 2] ^= 0xFF  # one bit pattern off: a sha256 mismatch

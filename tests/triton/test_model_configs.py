@@ -57,14 +57,6 @@ def onnx_io(path: Path) -> tuple[list[tuple[str, str, list[int], bool]], ...]:
     return describe(list(graph.input)), describe(list(graph.output))
 
 
-@pytest.fixture
-def repo_copy(published_model: PublishedModel, tmp_path: Path) -> Path:
-    """A private copy of the published repository (the session's one is shared: never edit it)."""
-    target = tmp_path / "model_repository"
-    shutil.copytree(published_model.repo, target, symlinks=True)
-    return target
-
-
 def test_native_onnx_config_matches_the_onnx_file(published_model: PublishedModel) -> None:
     repo, model = published_model.repo, published_model.model
     config = read_config(repo / model / "config.pbtxt")
