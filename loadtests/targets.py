@@ -22,7 +22,6 @@ Locust, in a process gevent never patches, and the unit tests exercise the parse
 from __future__ import annotations
 
 import base64
-import io
 import itertools
 import json
 import logging
@@ -33,8 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-import numpy as np
-from PIL import Image
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -44,6 +41,7 @@ from services.stack.settings import StackSettings
 from services.torchserve.config import KEY_FILE_NAME, TorchServeSettings, read_keys
 from services.triton.protocol import LOGITS_OUTPUT, binary_infer_request, ensemble_name
 from services.triton.settings import TritonSettings
+from training.digits import digit_pixels, held_out_indices, png
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +49,6 @@ BACKENDS = ("predictor", "torchserve", "triton")
 #: Every target: through the gateway to each engine, and straight to each engine.
 TARGETS = tuple(f"gateway:{b}" for b in BACKENDS) + tuple(f"direct:{b}" for b in BACKENDS)
 #: The seed and held-out fraction ``training.trainer.TrainConfig`` splits digits with.
-SPLIT_SEED = 0
-SPLIT_FRACTIONS = (0.1, 0.1)
 
 
 def _gateway_url() -> str:
@@ -178,36 +174,18 @@ class Payload:
     b64: str = field(repr=False)
 
 
-def held_out_indices(count: int, seed: int = SPLIT_SEED) -> list[int]:
-    """The test split of ``range(count)`` exactly as ``training.data.split_indices`` draws it.
-
-    Repeated here (a test keeps the two equal) because importing ``training`` imports torch,
-    seconds of start-up and hundreds of MB in every Locust process for three lines of numpy.
-    """
-    val_fraction, test_fraction = SPLIT_FRACTIONS
-    order = np.random.default_rng(seed).permutation(count)
-    n_val = max(1, round(count * val_fraction))
-    n_test = max(1, round(count * test_fraction))
-    return [int(i) for i in order[n_val : n_val + n_test]]
-
-
 def load_payloads(count: int) -> list[Payload]:
     """The first ``count`` held-out digits as 8-bit grayscale PNGs (what users would upload)."""
-    from sklearn.datasets import load_digits  # only here: scikit-learn takes a while to import
-
-    bunch = load_digits()
-    pixels = np.clip(np.asarray(bunch.images) * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    pixels, labels = digit_pixels()
     images = []
     for index in held_out_indices(len(pixels))[:count]:
-        buffer = io.BytesIO()
-        Image.fromarray(pixels[index], mode="L").save(buffer, format="PNG")
-        png = buffer.getvalue()
+        encoded = png(pixels[index])
         images.append(
             Payload(
                 index=index,
-                label=int(bunch.target[index]),
-                png=png,
-                b64=base64.b64encode(png).decode("ascii"),
+                label=int(labels[index]),
+                png=encoded,
+                b64=base64.b64encode(encoded).decode("ascii"),
             )
         )
     return images

@@ -8,7 +8,6 @@ not only status codes.
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import subprocess
@@ -23,7 +22,7 @@ import torch
 from services.common.imaging import decode_and_preprocess
 from services.common.repository import Manifest, read_manifest
 from services.torchserve.config import KEY_FILE_NAME, read_keys
-from training.data import digit_images, split_indices
+from training.digits import digit_pixels, held_out_indices, png
 from training.publish import publish_checkpoint
 from training.trainer import TrainConfig, load_checkpoint, model_from_checkpoint, train
 
@@ -68,12 +67,6 @@ def repo_copy(published_model: PublishedModel, tmp_path: Path) -> Path:
     return published_model.copy_repository(tmp_path)
 
 
-def png_bytes(image: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")  # type: ignore[attr-defined]
-    return buffer.getvalue()
-
-
 def eager_top1(checkpoint: Path, manifest: Manifest, images: list[bytes]) -> list[int]:
     """The eager PyTorch model's answer through the serving decoder: what every engine must give."""
     model = model_from_checkpoint(load_checkpoint(checkpoint))
@@ -83,10 +76,10 @@ def eager_top1(checkpoint: Path, manifest: Manifest, images: list[bytes]) -> lis
     return [int(i) for i in logits.argmax(dim=1)]
 
 
-def held_out_digit_pngs(seed: int, count: int) -> list[bytes]:
-    images, _ = digit_images()
-    _, _, test_idx = split_indices(len(images), (0.1, 0.1), seed)
-    return [png_bytes(images[i]) for i in test_idx[:count]]
+def held_out_digit_pngs(count: int) -> list[bytes]:
+    """PNGs of the first ``count`` digits training held out (the load tests send the same)."""
+    pixels, _ = digit_pixels()
+    return [png(pixels[i]) for i in held_out_indices(len(pixels))[:count]]
 
 
 @pytest.fixture(scope="session")
@@ -103,7 +96,7 @@ def published_model(
     repo = tmp_path_factory.mktemp("published") / "model_repository"
     version = publish_checkpoint(trained_checkpoint, repo)
     manifest = read_manifest(repo, "classifier", version)
-    images = held_out_digit_pngs(seed=0, count=TEST_IMAGE_COUNT)
+    images = held_out_digit_pngs(TEST_IMAGE_COUNT)
     return PublishedModel(
         repo=repo,
         model="classifier",

@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from services.common.imaging import ImageDecodeError, InputSpec, decode_image, preprocess
+from training.digits import digit_pixels, split_indices
 from training.errors import DataError
 
 DATASETS = ("digits", "cifar10", "imagefolder")
@@ -48,19 +49,6 @@ class DataSplits:
             "num_test": len(self.test),  # type: ignore[arg-type]
             "num_classes": len(self.labels),
         }
-
-
-def split_indices(
-    count: int, fractions: tuple[float, float], seed: int
-) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]:
-    """Shuffle ``range(count)`` with ``seed``; return train, val, test index arrays."""
-    val_fraction, test_fraction = fractions
-    order = np.random.default_rng(seed).permutation(count)
-    n_val = max(1, round(count * val_fraction))
-    n_test = max(1, round(count * test_fraction)) if test_fraction > 0 else 0
-    if count - n_val - n_test < 1:
-        raise DataError(f"dataset has only {count} images: too few to split")
-    return order[n_val + n_test :], order[:n_val], order[n_val : n_val + n_test]
 
 
 def channel_stats(images: npt.NDArray[Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -117,11 +105,8 @@ def _in_memory_splits(
 
 def digit_images() -> tuple[list[Image.Image], npt.NDArray[Any]]:
     """scikit-learn's bundled 8x8 digits as 8-bit grayscale images (values 0..16 -> 0..255)."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    pixels = np.clip(np.asarray(bunch.images) * (255.0 / 16.0), 0, 255).astype(np.uint8)
-    return [Image.fromarray(p, mode="L") for p in pixels], np.asarray(bunch.target)
+    pixels, targets = digit_pixels()
+    return [Image.fromarray(p, mode="L") for p in pixels], targets
 
 
 def load_digits_splits(image_size: int, fractions: tuple[float, float], seed: int) -> DataSplits:

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from services.common.imaging import InputSpec
 from training.data import DataSplits, load_dataset
+from training.digits import DEFAULT_SPLIT_FRACTIONS, DEFAULT_SPLIT_SEED
 from training.errors import ConfigError, TrainingError
 from training.models import ARCHITECTURES, build_model
 
@@ -54,10 +55,10 @@ class TrainConfig:
     schedule: str = "onecycle"
     label_smoothing: float = 0.05
     patience: int = 6
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
+    val_fraction: float = DEFAULT_SPLIT_FRACTIONS[0]
+    test_fraction: float = DEFAULT_SPLIT_FRACTIONS[1]
     image_size: int = 32
-    seed: int = 0
+    seed: int = DEFAULT_SPLIT_SEED  # the split's, and the training's
     deterministic: bool = False
     amp: bool = True
     workers: int = 0

@@ -13,7 +13,6 @@ counts as a failure. Also reported: the mean batch each model ran under concurre
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import re
@@ -30,10 +29,10 @@ import httpx
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from PIL import Image
 
 from services.triton.launcher import LocalTriton
 from services.triton.settings import TritonSettings
+from training.digits import digit_pixels, png
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +43,8 @@ _COUNTER = re.compile(
 
 
 def digit_pngs(count: int) -> list[bytes]:
-    from sklearn.datasets import load_digits
-
-    pixels = np.clip(load_digits().images[:count] * (255.0 / 16.0), 0, 255).astype(np.uint8)
-    encoded = []
-    for image in pixels:
-        buffer = io.BytesIO()
-        Image.fromarray(image, mode="L").save(buffer, format="PNG")
-        encoded.append(buffer.getvalue())
-    return encoded
+    pixels, _ = digit_pixels()
+    return [png(image) for image in pixels[:count]]
 
 
 def make_infer(settings: TritonSettings, protocol: str) -> Callable[[bytes], None]:

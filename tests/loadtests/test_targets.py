@@ -23,7 +23,6 @@ from loadtests.targets import (
     TorchServeTarget,
     TritonTarget,
     check_answer,
-    held_out_indices,
     load_payloads,
     load_references,
     make_target,
@@ -31,7 +30,8 @@ from loadtests.targets import (
     parse_triton_classification,
     save_references,
 )
-from training.data import split_indices
+from training.digits import held_out_indices, split_indices
+from training.trainer import TrainConfig
 
 SETTINGS = LoadTestSettings(
     gateway_url="http://127.0.0.1:1", torchserve_token="secret-key", top_k=3
@@ -65,7 +65,8 @@ class Headers(dict[str, str]):
 
 def test_held_out_split_is_the_one_training_holds_out() -> None:
     count = len(load_digits().images)
-    _, _, test = split_indices(count, (0.1, 0.1), 0)  # TrainConfig's fractions and seed
+    config = TrainConfig()  # the split a default training run draws
+    _, _, test = split_indices(count, (config.val_fraction, config.test_fraction), config.seed)
     assert held_out_indices(count) == [int(i) for i in test]
 
 

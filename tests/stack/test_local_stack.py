@@ -37,7 +37,7 @@ def engines_ready(stack: LocalStack) -> dict[str, bool]:
 
 
 def test_predict_through_each_backend_agrees(local_stack: LocalStack) -> None:
-    images = held_out_digit_pngs(seed=0, count=12)
+    images = held_out_digit_pngs(12)
     answers: dict[str, list[int]] = {}
     for backend in BACKENDS:
         top1 = []
@@ -67,7 +67,7 @@ def _prometheus_has(stack: LocalStack, query: str) -> bool:
 
 
 def test_prometheus_scrapes_gateway_histogram_and_engine_metrics(local_stack: LocalStack) -> None:
-    image = held_out_digit_pngs(seed=0, count=1)[0]
+    image = held_out_digit_pngs(1)[0]
     for backend in BACKENDS:
         assert predict(local_stack, image, backend).status_code == 200
     for backend in BACKENDS:
@@ -91,7 +91,7 @@ def test_prometheus_scrapes_gateway_histogram_and_engine_metrics(local_stack: Lo
 
 
 def test_dashboard_queries_name_live_metrics(local_stack: LocalStack) -> None:
-    image = held_out_digit_pngs(seed=0, count=1)[0]
+    image = held_out_digit_pngs(1)[0]
     for backend in BACKENDS:
         assert predict(local_stack, image, backend).status_code == 200
     exported: set[str] = set()
@@ -151,7 +151,7 @@ def test_killed_engine_is_restarted_and_ready_again(local_stack: LocalStack) -> 
         lambda: not engines_ready(local_stack)["predictor"], 30, "/readyz to show predictor down"
     )
     # While it is down, requests for it fail over: the client sees no 5xx.
-    image = held_out_digit_pngs(seed=0, count=1)[0]
+    image = held_out_digit_pngs(1)[0]
     response = predict(local_stack, image, "predictor")
     assert response.status_code == 200, response.text
     wait_for(lambda: _supervised_pid(local_stack, "predictor") not in (0, before), 60, "a new pid")
