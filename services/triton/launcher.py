@@ -203,6 +203,7 @@ class LocalTriton:
         """Prepare and start tritonserver in a new process group; do not wait for readiness."""
         if (pid := self.running_pid()) is not None:
             raise LauncherError(f"tritonserver from {self.run_dir} is already running (pid {pid})")
+        self._kill_orphans()
         version = self.prepare()
         logger.info(
             "serving %s version %d from %s", self.settings.model, version, self.settings.repository
@@ -258,6 +259,29 @@ class LocalTriton:
             return None
         return pid
 
+    def _kill_orphans(self) -> None:
+        """Kill the python stubs a crashed tritonserver left behind.
+
+        A tritonserver killed outright (SIGKILL, out of memory) while its stubs are busy can
+        leave them running, reparented to init, in its process group, whose id the pid file
+        still holds; `down` and the next start (supervisord's restart) kill them. Only members
+        of that group whose command line names this run folder are killed.
+        """
+        try:
+            pgid = int(self.pid_path.read_text().strip())
+        except (OSError, ValueError):
+            return
+        orphans = [pid for pid in group_members(pgid) if str(self.run_dir) in _process_cmdline(pid)]
+        if not orphans:
+            return
+        for pid in orphans:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10.0
+        while set(orphans) & set(group_members(pgid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        logger.warning("killed %s, left by a tritonserver that died (group %d)", orphans, pgid)
+
     def _signal_group(self, pgid: int, sig: signal.Signals, grace_s: float) -> bool:
         """Send ``sig`` to the group; True once none of it is left, False after ``grace_s``."""
         with contextlib.suppress(ProcessLookupError):
@@ -279,6 +303,7 @@ class LocalTriton:
         """
         pid = self.process.pid if self.process is not None else self.running_pid()
         if pid is None:
+            self._kill_orphans()
             self.pid_path.unlink(missing_ok=True)
             return False
         if not self._signal_group(pid, signal.SIGTERM, self.settings.stop_timeout_s):
@@ -305,6 +330,7 @@ class LocalTriton:
         """
         if (pid := self.running_pid()) is not None:
             raise LauncherError(f"tritonserver from {self.run_dir} is already running (pid {pid})")
+        self._kill_orphans()
         self.prepare()
         command = self.command()
         env = self.environment()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from services.triton.launcher import LocalTriton
 from tests.conftest import PublishedModel
 from tests.processes import free_ports, processes_naming
+from tests.triton.conftest import triton_settings
 
 pytestmark = pytest.mark.slow
 
@@ -79,3 +82,35 @@ def test_up_fails_clearly_without_a_published_model(tmp_path: Path) -> None:
     assert "no published version" in result.stderr
     assert "Traceback" not in result.stderr
     assert processes_naming(tmp_path) == []
+
+
+def test_stubs_a_crashed_server_left_are_killed_and_nothing_else(
+    published_model: PublishedModel, tmp_path: Path
+) -> None:
+    """Under load, a tritonserver killed outright can leave busy python stubs behind in its
+    process group (seen with the stack: `kill -9` of the server, two of three stubs lived on
+    until `make down`). `down` and the next start kill what is left of that group, and only
+    processes naming the run folder."""
+    settings = triton_settings(published_model, tmp_path / "run")
+    launcher = LocalTriton(settings)
+    launcher.run_dir.mkdir(parents=True)
+    stub_like = [
+        sys.executable,
+        "-c",
+        "import time; time.sleep(300)",
+        str(launcher.repository / "classifier" / "1" / "model.py"),
+    ]
+    # The orphan: in the dead server's group (here it leads it), naming the run folder.
+    orphan = subprocess.Popen(stub_like, start_new_session=True)
+    # A bystander naming the run folder from another group, and one in no way related.
+    bystander = subprocess.Popen(stub_like, start_new_session=True)
+    unrelated = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        launcher.pid_path.write_text(f"{orphan.pid}\n")  # what the crashed server left
+        assert launcher.stop() is False  # no tritonserver was running
+        assert orphan.wait(timeout=15) == -signal.SIGKILL
+        assert bystander.poll() is None and unrelated.poll() is None
+    finally:
+        for process in (orphan, bystander, unrelated):
+            process.kill()
+            process.wait()
