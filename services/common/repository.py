@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.common.imaging import InputSpec
+from services.common.serving import ServingConfig
 
 MANIFEST_NAME = "manifest.json"
 ONNX_NAME = "model.onnx"
@@ -64,6 +65,8 @@ class Manifest(BaseModel):
     output: dict[str, Any]
     labels: list[str] = Field(min_length=1)
     artifacts: dict[str, Artifact]
+    #: Older manifests carry no block: they are served with the defaults.
+    serving: ServingConfig = Field(default_factory=ServingConfig)
 
     @property
     def input_spec(self) -> InputSpec:
