@@ -1,9 +1,10 @@
 """Export a checkpoint to TorchScript (``model.pt``) and ONNX (``model.onnx``), then prove parity.
 
-Both files are run on a held-out batch beside the eager model: the max absolute logit
-difference must be at most ``PARITY_ATOL`` and the top-1 classes identical, at the full batch
-and at batch 1 (the batch axis is dynamic), or :class:`ParityError` is raised and nothing is
-published.
+Both files are run on a held-out batch beside the eager model, through the engines of the
+shared runtime (:mod:`services.common.runtime`) exactly as the servers will run them: the max
+absolute logit difference must be at most ``PARITY_ATOL`` and the top-1 classes identical, at
+the full batch and at batch 1 (the batch axis is dynamic), or :class:`ParityError` is raised and
+nothing is published.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
+from services.common.runtime import EngineError, create_engine
 from training.errors import ParityError
 
 logger = logging.getLogger(__name__)
@@ -84,26 +85,23 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
     return path
 
 
-def onnx_session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
 def check_parity(
     model: nn.Module, torchscript_path: Path, onnx_path: Path, batch: torch.Tensor
 ) -> ParityReport:
     """Compare eager, TorchScript and ONNX Runtime logits; raise ParityError on disagreement."""
     model = model.eval().cpu()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        scripted = torch.jit.load(str(torchscript_path), map_location="cpu")  # type: ignore[no-untyped-call]
-    scripted.eval()
-    session = onnx_session(onnx_path)
+    try:
+        scripted = create_engine("torchscript", torchscript_path, "cpu")
+        session = create_engine("onnx", onnx_path, "cpu")
+    except EngineError as exc:
+        raise ParityError(f"an exported file does not load: {exc}") from None
     worst_ts, worst_onnx, top1_same = 0.0, 0.0, True
     for inputs in (batch.cpu(), batch[:1].cpu()):
         with torch.inference_mode():
             eager = model(inputs).numpy()
-            traced = scripted(inputs).numpy()
-        exported = session.run([OUTPUT_NAME], {INPUT_NAME: inputs.numpy()})[0]
+        array = np.ascontiguousarray(inputs.numpy(), dtype=np.float32)
+        traced = scripted.infer(array)
+        exported = session.infer(array)
         worst_ts = max(worst_ts, float(np.abs(eager - traced).max()))
         worst_onnx = max(worst_onnx, float(np.abs(eager - exported).max()))
         top1 = eager.argmax(axis=1)

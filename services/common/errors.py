@@ -1,22 +1,28 @@
-"""Errors are types (STYLE.md 6): each carries its HTTP status and a machine code.
+"""Errors are types: each carries its HTTP status and a machine-readable code.
 
-:func:`install_error_handlers` makes every FastAPI service answer ``{"error", "code"}`` for
-these, for request validation failures and for anything unexpected (an opaque 500 that is
-logged with the request id, never a traceback to the caller).
+Every error a service answers on purpose is a :class:`ServiceError`: the image decoder's
+(:class:`services.common.imaging.ImageDecodeError`), the model runtime's
+(:class:`services.common.runtime.EngineError`), the repository's and the HTTP services' own.
+A status is decided here, by the class (for an image, by its code), and nowhere else: the
+predictor, the TorchServe handler and the gateway all read ``status_code`` from the error.
+
+This module needs only the standard library, so it travels with the decoding and runtime code
+into TorchServe's archive and Triton's python models. The FastAPI handlers that turn these
+errors into ``{"error", "code"}`` answers live in :mod:`services.common.http`.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+#: The header naming a request in answers and logs (the gateway sets one on every answer).
+REQUEST_ID_HEADER = "X-Request-ID"
 
-logger = logging.getLogger(__name__)
+#: The code of an image with more pixels than allowed: the one image error that is a 413.
+IMAGE_TOO_LARGE = "image_too_large"
+#: The code of an image field that is not a string at all: a malformed request (422).
+INVALID_TYPE = "invalid_type"
 
 
 class ServiceError(Exception):
@@ -75,16 +81,14 @@ class Timeout(ServiceError):
     code = "timeout"
 
 
-#: The header naming a request in answers and logs (the gateway sets one on every answer).
-REQUEST_ID_HEADER = "X-Request-ID"
-
-
-def error_response(
-    status_code: int, message: str, code: str, headers: Mapping[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse(
-        {"error": message, "code": code}, status_code=status_code, headers=dict(headers or {})
-    )
+def image_error_status(code: str) -> int:
+    """The HTTP status of an unusable image the caller sent: 413 when it has too many pixels,
+    422 when the image field is not a string, 400 for everything else (not an image, corrupt,
+    bad base64, ...). The gateway uses it for the codes an engine answered with; everything
+    else reads an error's ``status_code``."""
+    if code == IMAGE_TOO_LARGE:
+        return 413
+    return 422 if code == INVALID_TYPE else 400
 
 
 def describe_validation(errors: Sequence[Any]) -> str:
@@ -96,32 +100,14 @@ def describe_validation(errors: Sequence[Any]) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Answer every error with the DESIGN.md JSON shape."""
+class RepositoryError(ServiceError):
+    """The repository holds no usable version (missing, unreadable or failing verification)."""
 
-    @app.exception_handler(ServiceError)
-    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc.status_code, exc.message, exc.code, exc.headers)
+    status_code = 503
+    code = "model_unavailable"
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, describe_validation(exc.errors()), "invalid_request")
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, str(exc.detail), code, exc.headers)
+class IntegrityError(RepositoryError):
+    """An artifact's bytes do not match the sha256 its manifest recorded."""
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # Starlette answers from outside every middleware: the id the gateway's RequestId
-        # middleware chose (and validated) is in the scope's state, its header set here.
-        chosen: str | None = getattr(request.state, "request_id", None)
-        request_id = chosen or request.headers.get(REQUEST_ID_HEADER, "-")
-        logger.exception("unhandled error (request id %s)", request_id)
-        return error_response(
-            500,
-            f"internal error (request id {request_id})",
-            "internal_error",
-            {REQUEST_ID_HEADER: chosen} if chosen else None,
-        )
+    code = "integrity_error"

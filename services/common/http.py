@@ -1,6 +1,9 @@
 """ASGI pieces every FastAPI service puts in front of its routes.
 
-:class:`BodySizeLimit` refuses oversized request bodies with 413 in the DESIGN.md error shape.
+:func:`install_error_handlers` makes every FastAPI service answer ``{"error", "code"}`` for a
+:class:`~services.common.errors.ServiceError`, for request validation failures and for anything
+unexpected (an opaque 500 that is logged with the request id, never a traceback to the caller).
+:class:`BodySizeLimit` refuses oversized request bodies with 413 in that error shape.
 It checks the declared ``Content-Length`` first (no byte read) and then counts the bytes that
 really arrive, because a chunked upload has no Content-Length and a client can lie in it. The
 body is buffered (at most the limit) and handed to the app in one message; the services parse
@@ -9,13 +12,21 @@ whole JSON documents anyway, so nothing streams past this point.
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+import logging
+from collections.abc import Mapping
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from fastapi.telemetry import TelemetryConfig
 from prometheus_client import Gauge, Histogram
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.common.errors import error_response, install_error_handlers
+from services.common.errors import REQUEST_ID_HEADER, ServiceError, describe_validation
 from services.common.metrics import RequestMetrics
+
+logger = logging.getLogger(__name__)
 
 #: Default body limit: a few large photos in base64 fit, an accidental upload of a video does not.
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -34,12 +45,51 @@ NO_FASTAPI_TELEMETRY: TelemetryConfig = {
 def install_service_middleware(
     app: FastAPI, *, max_body_bytes: int, duration: Histogram, in_flight: Gauge
 ) -> None:
-    """What every service puts in front of its routes: DESIGN.md error bodies, the body limit
+    """What every service puts in front of its routes: the error bodies, the body limit
     (413) and the request-duration and in-flight metrics of :func:`~services.common.metrics.
     http_metrics` (outermost, so a refused body is timed too)."""
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes)
     app.add_middleware(RequestMetrics, duration=duration, in_flight=in_flight)
+
+
+def error_response(
+    status_code: int, message: str, code: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": message, "code": code}, status_code=status_code, headers=dict(headers or {})
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer every error with ``{"error": message, "code": code}`` and its status."""
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc.status_code, exc.message, exc.code, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(422, describe_validation(exc.errors()), "invalid_request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, str(exc.detail), code, exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette answers from outside every middleware: the id the gateway's RequestId
+        # middleware chose (and validated) is in the scope's state, its header set here.
+        chosen: str | None = getattr(request.state, "request_id", None)
+        request_id = chosen or request.headers.get(REQUEST_ID_HEADER, "-")
+        logger.exception("unhandled error (request id %s)", request_id)
+        return error_response(
+            500,
+            f"internal error (request id {request_id})",
+            "internal_error",
+            {REQUEST_ID_HEADER: chosen} if chosen else None,
+        )
 
 
 class BodySizeLimit:

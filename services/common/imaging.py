@@ -3,7 +3,8 @@
 The predictor, the TorchServe handler and Triton's python ``preprocess`` model all call
 :func:`decode_image` and :func:`preprocess`, and the training data pipeline calls
 :func:`preprocess` too, so the same bytes give the same tensor everywhere. This module needs
-only NumPy and Pillow (no torch), which keeps the Triton preprocessing model light.
+only NumPy, Pillow and :mod:`services.common.errors` (no torch), which keeps the Triton
+preprocessing model light.
 
 Pipeline: base64 text -> bytes -> PIL image (pixel limit checked from the header, before any
 pixel is decoded) -> RGB (palette, alpha, CMYK, 16-bit and grayscale handled) -> resize of the
@@ -17,13 +18,14 @@ import binascii
 import io
 import re
 import warnings
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from services.common.errors import IMAGE_TOO_LARGE, INVALID_TYPE, ServiceError, image_error_status
 
 #: Refuse images with more pixels than this (decompression bombs). 40 MP covers phone photos.
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -32,22 +34,13 @@ _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
 _BASE64_CHARS = re.compile(rb"^[A-Za-z0-9+/]*={0,2}$")
 
 
-IMAGE_TOO_LARGE = "image_too_large"
-
-
-def image_error_status(code: str) -> int:
-    """The HTTP status of an unusable image the caller sent: 413 when it has too many pixels,
-    400 for everything else (not an image, corrupt, bad base64, ...)."""
-    return 413 if code == IMAGE_TOO_LARGE else 400
-
-
-class ImageDecodeError(ValueError):
-    """The caller sent something that is not a usable image. ``code`` is machine-readable."""
+class ImageDecodeError(ServiceError, ValueError):
+    """The caller sent something that is not a usable image. ``code`` is machine-readable; the
+    status comes from it (:func:`~services.common.errors.image_error_status`)."""
 
     def __init__(self, message: str, code: str) -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
+        super().__init__(message, code)
+        self.status_code = image_error_status(code)
 
 
 @dataclass(frozen=True)
@@ -85,7 +78,7 @@ class InputSpec:
 def decode_base64(text: str) -> bytes:
     """Strict base64 decoding; a ``data:image/...;base64,`` prefix and whitespace are allowed."""
     if not isinstance(text, str):
-        raise ImageDecodeError("image must be a base64 string", "invalid_type")
+        raise ImageDecodeError("image must be a base64 string", INVALID_TYPE)
     text = _DATA_URL.sub("", text.strip(), count=1)
     raw = "".join(text.split()).encode("ascii", errors="replace")
     if not raw:
@@ -177,27 +170,3 @@ def decode_and_preprocess(
 ) -> npt.NDArray[np.float32]:
     """Encoded image bytes -> normalised float32 CHW array (the one entry point engines use)."""
     return preprocess(decode_image(data, max_pixels=max_pixels), spec)
-
-
-def softmax(logits: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float64]:
-    """Row-wise softmax in float64 for stable scores."""
-    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    result: npt.NDArray[np.float64] = exp / exp.sum(axis=-1, keepdims=True)
-    return result
-
-
-def top_k_predictions(
-    logits: npt.NDArray[np.floating[Any]], labels: Sequence[str], top_k: int
-) -> list[list[dict[str, Any]]]:
-    """Logits [N, C] -> per image a list of ``{"label", "class_id", "score"}``, best first."""
-    scores = softmax(np.atleast_2d(logits))
-    k = max(1, min(top_k, scores.shape[1]))
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return [
-        [
-            {"label": labels[int(c)], "class_id": int(c), "score": float(row[int(c)])}
-            for c in order_row
-        ]
-        for row, order_row in zip(scores, order, strict=True)
-    ]

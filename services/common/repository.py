@@ -10,19 +10,24 @@ Layout (Triton's, see README "Model repository")::
     <repo>/<model>_torchscript/<version>/model.pt
 
 The manifest lists every artifact with its sha256 (paths relative to the repository root).
-Every engine calls :func:`load_version`, which verifies them before anything is served.
+Every engine verifies a version before serving it: the predictor through :func:`load_version`,
+the TorchServe handler and Triton's twins through :func:`services.common.runtime.verify_file`
+on the one file they run (the check itself is written once, in the runtime).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from services.common.errors import IntegrityError as IntegrityError
+from services.common.errors import RepositoryError as RepositoryError
 from services.common.imaging import InputSpec
+from services.common.runtime import sha256_file as sha256_file
+from services.common.runtime import verify_file
 from services.common.serving import ServingConfig
 
 MANIFEST_NAME = "manifest.json"
@@ -30,14 +35,6 @@ ONNX_NAME = "model.onnx"
 TORCHSCRIPT_NAME = "model.pt"
 TORCHSCRIPT_SUFFIX = "_torchscript"
 MANIFEST_SCHEMA_VERSION = 1
-
-
-class RepositoryError(RuntimeError):
-    """The repository holds no usable version (missing, unreadable or failing verification)."""
-
-
-class IntegrityError(RepositoryError):
-    """An artifact's bytes do not match the sha256 its manifest recorded."""
 
 
 class Artifact(BaseModel):
@@ -89,14 +86,6 @@ class ModelVersion(BaseModel):
         return self.manifest.labels
 
 
-def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def version_dir(repo: Path, model: str, version: int) -> Path:
     return repo / model / str(version)
 
@@ -126,15 +115,9 @@ def read_manifest(repo: Path, model: str, version: int) -> Manifest:
 def verify_artifacts(repo: Path, manifest: Manifest) -> None:
     """Raise :class:`IntegrityError` unless every artifact exists with its recorded sha256."""
     for name, artifact in manifest.artifacts.items():
-        path = repo / artifact.path
-        if not path.is_file():
-            raise IntegrityError(f"{manifest.model} v{manifest.version}: {name} missing at {path}")
-        actual = sha256_file(path)
-        if actual != artifact.sha256:
-            raise IntegrityError(
-                f"{manifest.model} v{manifest.version}: {name} sha256 mismatch "
-                f"(manifest {artifact.sha256[:12]}..., file {actual[:12]}...)"
-            )
+        verify_file(
+            repo / artifact.path, artifact.sha256, f"{manifest.model} v{manifest.version}: {name}"
+        )
 
 
 def newest_version(repo: Path, model: str) -> int:

@@ -14,9 +14,10 @@ the engine then says so in its ``--settings`` output and its readiness answer.
 
 from __future__ import annotations
 
-from typing import Self
+from collections.abc import Mapping
+from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from services.common.imaging import DEFAULT_MAX_PIXELS
 
@@ -63,3 +64,21 @@ class ServingConfig(BaseModel):
     def max_batch_delay_us(self) -> int:
         """The delay in whole microseconds (Triton's unit)."""
         return round(self.max_batch_delay_ms * 1000)
+
+
+class ServingConfigError(ValueError):
+    """A server's overrides do not fit a version's serving config."""
+
+
+def with_overrides(serving: ServingConfig, overrides: Mapping[str, Any]) -> ServingConfig:
+    """``serving`` with a server's overrides applied, validated as a whole (a smaller
+    max_batch_size must still hold the preferred sizes)."""
+    if not overrides:
+        return serving
+    try:
+        return ServingConfig.model_validate(serving.model_dump() | dict(overrides))
+    except ValidationError as exc:
+        raise ServingConfigError(
+            f"the overrides {dict(overrides)} do not fit the serving config "
+            f"{serving.model_dump()}: {exc.errors()[0]['msg']}"
+        ) from None

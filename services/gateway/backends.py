@@ -36,7 +36,8 @@ import numpy as np
 import orjson
 from yarl import URL
 
-from services.common.imaging import image_error_status, top_k_predictions
+from services.common.errors import image_error_status
+from services.common.runtime import top_k_predictions
 from services.gateway.settings import BackendName, GatewaySettings
 from services.torchserve.config import Keys, read_keys
 from services.triton.protocol import (
@@ -540,7 +541,7 @@ class TritonBackend(HttpBackend):
 def classification_top_k(row: Sequence[str], top_k: int) -> list[dict[str, Any]]:
     """Triton classification strings ``"logit:index:label"`` -> the ``top_k`` best as
     ``{"label", "class_id", "score"}``, through the same softmax and ranking as the other
-    engines (:func:`~services.common.imaging.top_k_predictions`)."""
+    engines (:func:`~services.common.runtime.top_k_predictions`)."""
     parsed = [item.split(":", 2) for item in row]
     classes = max(int(index) for _, index, _ in parsed) + 1
     logits = np.full(classes, -np.inf, dtype=np.float32)  # a class not listed gets no share

@@ -1,14 +1,16 @@
 """The predictor's FastAPI app: lifespan, ``/predict``, health, metrics and the v2 router.
 
-The lifespan owns every resource (STYLE.md 3): it resolves the device, loads, verifies and
-warms up the model (a failure stops the service with one clear log line), starts the batcher
-and the hot-reload poller, and on shutdown stops them and the thread pools.
+The lifespan owns every resource: it resolves the device, loads, verifies and warms up the
+model through the shared runtime (a failure stops the service with one clear log line), sizes
+the batcher from the model's serving config (with this server's overrides), starts it and the
+hot-reload poller, and on shutdown stops them and the thread pools.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 from collections.abc import AsyncIterator
@@ -23,25 +25,22 @@ from pydantic import ValidationError
 from services.common.errors import Unavailable
 from services.common.heap import freeze_startup_heap
 from services.common.http import NO_FASTAPI_TELEMETRY, install_service_middleware
-from services.common.imaging import (
-    InputSpec,
-    decode_and_preprocess,
-    decode_base64,
-    top_k_predictions,
-)
+from services.common.imaging import InputSpec, decode_and_preprocess, decode_base64
 from services.common.metrics import metrics_response
 from services.common.repository import RepositoryError
-from services.common.schemas import ErrorResponse, PredictRequest, PredictResponse, require_json
-from services.predictor import SERVER_NAME, SERVER_VERSION, v2
-from services.predictor.batcher import DynamicBatcher
-from services.predictor.engines import (
+from services.common.runtime import (
     EngineError,
     FloatArray,
     LoadedModel,
     load_model,
     resolve_device,
     set_torch_threads,
+    top_k_predictions,
 )
+from services.common.schemas import ErrorResponse, PredictRequest, PredictResponse, require_json
+from services.common.serving import ServingConfigError, with_overrides
+from services.predictor import SERVER_NAME, SERVER_VERSION, v2
+from services.predictor.batcher import DynamicBatcher
 from services.predictor.metrics import PredictorMetrics
 from services.predictor.reloader import Loader, ModelManager
 from services.predictor.settings import PredictorSettings
@@ -86,6 +85,34 @@ async def parse_predict_request(request: Request) -> PredictRequest:
         raise RequestValidationError(exc.errors(include_url=False)) from None
 
 
+def serve_as_configured(load: Loader, settings: PredictorSettings) -> Loader:
+    """``load``, then this server's overrides applied to the version's serving config and a
+    version refused whose batches or requests could never fit the queue."""
+
+    def configured(version: int | None) -> LoadedModel:
+        loaded = load(version)
+        try:
+            serving = with_overrides(loaded.serving, settings.serving_overrides())
+        except ServingConfigError as exc:
+            raise EngineError(f"v{loaded.number}: {exc}") from None
+        return check_serving(dataclasses.replace(loaded, serving=serving), settings.queue_size)
+
+    return configured
+
+
+def check_serving(model: LoadedModel, queue_size: int) -> LoadedModel:
+    """Refuse a version whose batches or requests could never fit the queue."""
+    serving = model.serving
+    most = max(serving.max_batch_size, serving.max_images_per_request)
+    if most > queue_size:
+        raise EngineError(
+            f"v{model.number} asks for batches of {serving.max_batch_size} and requests of "
+            f"{serving.max_images_per_request} images, more than PREDICTOR_QUEUE_SIZE "
+            f"({queue_size}) can hold"
+        )
+    return model
+
+
 def default_loader(settings: PredictorSettings, device: str) -> Loader:
     def load(version: int | None) -> LoadedModel:
         return load_model(
@@ -98,7 +125,7 @@ def default_loader(settings: PredictorSettings, device: str) -> Loader:
             channels_last=settings.channels_last,
             threads=settings.cpu_threads(),
             optimize=settings.jit_optimize,
-            max_batch_size=settings.max_batch_size,
+            serving_overrides=settings.serving_overrides(),  # warm-up sizes follow them
             warmup_runs=settings.warmup_runs,
         )
 
@@ -112,19 +139,10 @@ def create_app(settings: PredictorSettings | None = None, loader: Loader | None 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")
-        decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
-        batcher = DynamicBatcher(
-            infer_pool,
-            decode_pool,
-            settings.decode_threads,
-            metrics,
-            max_batch_size=settings.max_batch_size,
-            max_delay_s=settings.max_delay_ms / 1000.0,
-            queue_size=settings.queue_size,
-        )
-        metrics.queue_depth.set_function(lambda: batcher.depth)
         state: PredictorState | None = None
+        infer_pool: ThreadPoolExecutor | None = None
+        decode_pool: ThreadPoolExecutor | None = None
+        batcher: DynamicBatcher | None = None
         try:
             try:
                 load = loader
@@ -134,12 +152,33 @@ def create_app(settings: PredictorSettings | None = None, loader: Loader | None 
                         set_torch_threads(settings.cpu_threads())
                     load = default_loader(settings, device)
                 manager = ModelManager(
-                    settings.repository, settings.model, load, metrics, settings.version
+                    settings.repository,
+                    settings.model,
+                    serve_as_configured(load, settings),
+                    metrics,
+                    settings.version,
                 )
                 model = await manager.load_initial()
             except (RepositoryError, EngineError) as exc:
                 logger.error("predictor cannot start: %s", exc)
                 raise StartupError(f"predictor cannot start: {exc}") from None
+            # Instances are threads sized at start; batch size and delay follow each version.
+            instances = model.serving.instance_count
+            infer_pool = ThreadPoolExecutor(instances, thread_name_prefix="infer")
+            decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+            batcher = DynamicBatcher(
+                infer_pool,
+                decode_pool,
+                settings.decode_threads,
+                metrics,
+                max_batch_size=model.serving.max_batch_size,
+                max_delay_s=model.serving.max_batch_delay_ms / 1000.0,
+                queue_size=settings.queue_size,
+                in_flight_batches=instances + 1,
+            )
+            manager.on_swap = batcher.follow
+            queue = batcher
+            metrics.queue_depth.set_function(lambda: queue.depth)
             batcher.start()
             state = PredictorState(settings, metrics, manager, batcher, decode_pool)
             if settings.poll_interval_s > 0 and settings.version is None:
@@ -151,14 +190,19 @@ def create_app(settings: PredictorSettings | None = None, loader: Loader | None 
             app.state.predictor = state
             freeze_startup_heap()
             state.ready = True
+            overrides = settings.serving_overrides()
             logger.info(
-                "ready: %s v%d on %s (%s), max batch %d, delay %gms",
+                "ready: %s v%d on %s (%s), max batch %d, delay %gms, %d instance(s)%s",
                 model.name,
                 model.number,
                 model.engine.device,
                 model.engine.kind,
-                settings.max_batch_size,
-                settings.max_delay_ms,
+                model.serving.max_batch_size,
+                model.serving.max_batch_delay_ms,
+                instances,
+                f"; PREDICTOR_* overrides of the model's serving config: {overrides}"
+                if overrides
+                else "",
             )
             yield
         finally:
@@ -167,9 +211,11 @@ def create_app(settings: PredictorSettings | None = None, loader: Loader | None 
                 for task in state.background:
                     task.cancel()
                 await asyncio.gather(*state.background, return_exceptions=True)
-            await batcher.stop()
-            infer_pool.shutdown(wait=True, cancel_futures=True)
-            decode_pool.shutdown(wait=True, cancel_futures=True)
+            if batcher is not None:
+                await batcher.stop()
+            for pool in (infer_pool, decode_pool):
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
 
     app = FastAPI(
         title="predictor",
@@ -203,9 +249,9 @@ def create_app(settings: PredictorSettings | None = None, loader: Loader | None 
         # FastAPI's dependency resolution is a noticeable share of the per-request CPU.
         state = get_state(request)
         body = await parse_predict_request(request)
-        images = body.image_texts(settings.max_images)
         model = state.model()
-        decode = functools.partial(_decode, spec=model.spec, max_pixels=settings.max_pixels)
+        images = body.image_texts(model.serving.max_images_per_request)
+        decode = functools.partial(_decode, spec=model.spec, max_pixels=model.serving.max_pixels)
         async with state.deadline():
             # The `images` form is a batch its caller formed (the gateway's merged calls):
             # it does not wait for other requests to join it.
@@ -248,6 +294,8 @@ def create_app(settings: PredictorSettings | None = None, loader: Loader | None 
             "version": model.number,
             "engine": model.engine.kind,
             "device": model.engine.device,
+            "serving": model.serving.model_dump(mode="json"),
+            "serving_overrides": settings.serving_overrides(),
             "refused": {str(v): reason for v, reason in state.manager.refused.items()},
         }
 

@@ -39,7 +39,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from services.predictor.engines import Engine, FloatArray, LoadedModel
+from services.common.runtime import Engine, FloatArray, LoadedModel
 from services.predictor.metrics import PredictorMetrics
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,8 @@ logger = logging.getLogger(__name__)
 #: Turns one request payload (e.g. a base64 string) into a CHW float32 tensor; may raise.
 Decoder = Callable[[object], FloatArray]
 
-#: Batches between taking and answering: one decoding while the previous one infers.
+#: Batches between taking and answering by default: one decoding while the previous one infers
+#: (with more inference threads, one more than there are threads).
 IN_FLIGHT_BATCHES = 2
 
 
@@ -111,6 +112,7 @@ class DynamicBatcher:
         max_batch_size: int,
         max_delay_s: float,
         queue_size: int,
+        in_flight_batches: int = IN_FLIGHT_BATCHES,
     ) -> None:
         self._infer_executor = infer_executor
         self._decode_executor = decode_executor
@@ -122,12 +124,17 @@ class DynamicBatcher:
         self._pending: deque[_Item] = deque()
         self._prebatched_pending = 0  # prebatched items in `_pending`
         self._wakeup = asyncio.Event()
-        self._slots = asyncio.Semaphore(IN_FLIGHT_BATCHES)
+        self._slots = asyncio.Semaphore(in_flight_batches)
         self._idle = True
         self._last_batch = 0
         self._closed = False
         self._task: asyncio.Task[None] | None = None
         self._in_flight: dict[asyncio.Task[None], list[_Item]] = {}
+
+    def follow(self, model: LoadedModel) -> None:
+        """Batch as the newly served version's serving config says (from the next batch on)."""
+        self.max_batch_size = model.serving.max_batch_size
+        self.max_delay_s = model.serving.max_batch_delay_ms / 1000.0
 
     @property
     def depth(self) -> int:

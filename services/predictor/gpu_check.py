@@ -1,7 +1,7 @@
 """``python -m services.predictor.gpu_check``: engine throughput on a GPU, as a table.
 
 For the newest (or ``--version``) model of the repository, runs the predictor's own engines
-(``services.predictor.engines``: the code the server uses, host-to-device copy and result copy
+(``services.common.runtime``: the code the server uses, host-to-device copy and result copy
 back included) at batch sizes 1 to 256 and prints images/s for TorchScript fp32, fp16,
 fp16 + channels-last, and ONNX Runtime's CUDA provider (fp32; the published ONNX file is fp32),
 plus each variant's largest logit difference from TorchScript fp32 and its top-1 agreement.
@@ -23,12 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from services.common.repository import RepositoryError, load_version
-from services.predictor.engines import (
+from services.common.runtime import (
     Engine,
     EngineError,
     EngineKind,
     FloatArray,
-    LoadedModel,
     create_engine,
     cuda_available,
     set_torch_threads,
@@ -114,14 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     reference: FloatArray | None = None
     for variant in VARIANTS:
         try:
+            path = version.torchscript_path if variant.kind == "torchscript" else version.onnx_path
             engine = create_engine(
                 variant.kind,
-                version,
+                path,
                 args.device,
                 fp16=variant.fp16,
                 channels_last=variant.channels_last,
             )
-            warm_up(LoadedModel(version, engine), warmup_sizes(max(args.batches)), 1)
+            sizes = warmup_sizes(max(args.batches))
+            warm_up(engine, shape, len(version.labels), sizes, 1, variant.name)
         except EngineError as exc:
             notes.append(f"{variant.name}: unavailable ({exc})")
             continue

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from services.common.repository import list_versions
-from services.predictor.engines import LoadedModel
+from services.common.runtime import LoadedModel
 from services.predictor.metrics import PredictorMetrics
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ class ModelManager:
         self.pinned_version = pinned_version
         self._current: LoadedModel | None = None
         self.refused: dict[int, str] = {}
+        #: Called with every version swapped in (the batcher follows its serving config).
+        self.on_swap: Callable[[LoadedModel], None] | None = None
 
     @property
     def current(self) -> LoadedModel | None:
@@ -54,6 +56,8 @@ class ModelManager:
         previous = self._current
         self._current = loaded
         self._metrics.model_version.set(loaded.number)
+        if self.on_swap is not None:
+            self.on_swap(loaded)
         if previous is not None:
             logger.info("now serving %s v%d (was v%d)", self.model, loaded.number, previous.number)
 

@@ -1,25 +1,36 @@
 """The predictor's one settings class; every field is an environment variable ``PREDICTOR_*``.
 
-``python -m services.predictor --settings`` prints the table the README shows.
+``python -m services.predictor --settings`` prints the table the README shows. Batching and
+request limits belong to the model (the ``serving`` block of its manifest, see
+:mod:`services.common.serving`); the fields that can override them for this server are unset
+by default, and :meth:`PredictorSettings.serving_overrides` names the ones that are set.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.common.imaging import DEFAULT_MAX_PIXELS
 from services.common.settings import ServiceSettings
 
 EngineName = Literal["torchscript", "onnx"]
 
+#: Settings that override a field of the model's serving config: setting -> serving field.
+SERVING_OVERRIDES = {
+    "max_batch_size": "max_batch_size",
+    "max_delay_ms": "max_batch_delay_ms",
+    "instance_count": "instance_count",
+    "max_images": "max_images_per_request",
+    "max_pixels": "max_pixels",
+}
+
 
 class PredictorSettings(ServiceSettings):
-    """FastAPI predictor: model, engine, batching, limits."""
+    """FastAPI predictor: model, engine, queue, timeouts, overrides of the serving config."""
 
     model_config = SettingsConfigDict(env_prefix="PREDICTOR_")
 
@@ -47,13 +58,17 @@ class PredictorSettings(ServiceSettings):
     """Threads inside one CPU inference; 0 = every CPU this process may use. One is fastest for
     the small models here: a second thread competes with request handling for the CPU."""
 
-    max_batch_size: int = Field(default=32, ge=1, le=4096)
-    """Most images in one inference call; 1 turns dynamic batching off."""
-    max_delay_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
-    """How long the oldest queued image may wait for a batch to fill before it runs anyway
-    (not applied to a lone image when the previous batch was a single image too, nor while an
-    `images` request, such as the gateway's calls, or a v2 tensor of several images is
-    queued: its caller formed that batch)."""
+    max_batch_size: int | None = Field(default=None, ge=1, le=4096)
+    """Overrides the model's serving config `max_batch_size` (most images in one inference
+    call; 1 turns dynamic batching off). Unset: the model's value."""
+    max_delay_ms: float | None = Field(default=None, ge=0.0, le=1000.0)
+    """Overrides the model's serving config `max_batch_delay_ms`: how long the oldest queued
+    image may wait for a batch to fill (not applied to a lone image when the previous batch was
+    a single image too, nor while an `images` request, such as the gateway's calls, or a v2
+    tensor of several images is queued: its caller formed that batch). Unset: the model's."""
+    instance_count: int | None = Field(default=None, ge=1, le=64)
+    """Overrides the model's serving config `instance_count`: inference threads, each running
+    batches on the one engine (read at start). Unset: the model's value."""
     queue_size: int = Field(default=1024, ge=1)
     """Images waiting for inference before new requests get 503 with Retry-After."""
     retry_after_s: int = Field(default=1, ge=0)
@@ -62,10 +77,12 @@ class PredictorSettings(ServiceSettings):
     """Threads decoding the images of a batch (split between them); the event loop never
     decodes."""
 
-    max_images: int = Field(default=64, ge=1)
-    """Most images in one request (`images` list or the batch axis of a v2 tensor)."""
-    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
-    """Largest decoded image (width x height), checked from the header before decoding."""
+    max_images: int | None = Field(default=None, ge=1, le=4096)
+    """Overrides the model's serving config `max_images_per_request` (`images` list or the
+    batch axis of a v2 tensor). Unset: the model's value."""
+    max_pixels: int | None = Field(default=None, ge=1)
+    """Overrides the model's serving config `max_pixels` (largest image, width x height,
+    checked from the header before decoding). Unset: the model's value."""
     request_timeout_s: float = Field(default=10.0, gt=0.0)
     """A request not answered in this time gets 504."""
 
@@ -86,17 +103,26 @@ class PredictorSettings(ServiceSettings):
 
     @model_validator(mode="after")
     def _queue_holds_a_batch(self) -> PredictorSettings:
-        if self.queue_size < self.max_batch_size:
+        # The model's own values are checked when it loads (app.check_serving).
+        if self.max_batch_size is not None and self.queue_size < self.max_batch_size:
             raise ValueError(
                 f"queue_size ({self.queue_size}) must be at least max_batch_size "
                 f"({self.max_batch_size})"
             )
-        if self.queue_size < self.max_images:
+        if self.max_images is not None and self.queue_size < self.max_images:
             raise ValueError(
                 f"queue_size ({self.queue_size}) must be at least max_images ({self.max_images}), "
                 "or a request with the most images could never be queued"
             )
         return self
+
+    def serving_overrides(self) -> dict[str, Any]:
+        """The serving-config fields this server's settings override, by their name there."""
+        return {
+            serving_field: getattr(self, name)
+            for name, serving_field in SERVING_OVERRIDES.items()
+            if getattr(self, name) is not None
+        }
 
     def cpu_threads(self) -> int:
         """``intra_op_threads`` with 0 resolved to the CPUs this process may run on."""

@@ -12,14 +12,13 @@ from typing import Annotated, TypeVar
 from fastapi import Depends, Request
 
 from services.common.errors import (
-    BadRequest,
     Overloaded,
-    PayloadTooLarge,
     ServiceError,
     Timeout,
     Unavailable,
 )
-from services.common.imaging import ImageDecodeError, image_error_status
+from services.common.imaging import ImageDecodeError
+from services.common.runtime import FloatArray, LoadedModel
 from services.predictor.batcher import (
     BatcherClosed,
     Decoder,
@@ -28,7 +27,6 @@ from services.predictor.batcher import (
     ItemFailed,
     QueueFull,
 )
-from services.predictor.engines import FloatArray, LoadedModel
 from services.predictor.metrics import PredictorMetrics
 from services.predictor.reloader import ModelManager
 from services.predictor.settings import PredictorSettings
@@ -122,10 +120,10 @@ class Deadline:
             raise Timeout(f"no answer within {self._seconds:g}s", "timeout") from None
 
 
-def image_error(exc: ImageDecodeError, where: str = "") -> ServiceError:
-    """A decoding failure is the caller's: 413 for too many pixels, 400 for the rest."""
-    error = PayloadTooLarge if image_error_status(exc.code) == 413 else BadRequest
-    return error(where + exc.message, exc.code)
+def image_error(exc: ImageDecodeError, where: str = "") -> ImageDecodeError:
+    """A decoding failure of one image of several, its message prefixed with which one (the
+    status stays the error's own: 413 for too many pixels, 400 for the rest)."""
+    return ImageDecodeError(where + exc.message, exc.code) if where else exc
 
 
 def get_state(request: Request) -> PredictorState:

@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.common.errors import BadRequest, NotFound, PayloadTooLarge, describe_validation
 from services.common.imaging import InputSpec
+from services.common.runtime import FloatArray, LoadedModel
 from services.predictor import SERVER_NAME, SERVER_VERSION
-from services.predictor.engines import FloatArray, LoadedModel
 from services.predictor.state import PredictorState, StateDep
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -345,7 +345,7 @@ async def _infer(
             request.headers.get(HEADER_LENGTH),
             model.spec,
             model.output_name,
-            state.settings.max_images,
+            model.serving.max_images_per_request,
         )
         tensors = list(parsed.tensor)
         logits = await state.classify(model, tensors, prebatched=len(tensors) > 1)

@@ -1,10 +1,13 @@
 """TorchServe handler: encoded image in, the predictor's JSON answer out, one batch at a time.
 
-Packed into ``<model>.mar`` by :mod:`services.torchserve.archive` together with ``model.pt``,
-``manifest.json`` and a copy of ``services/common``. TorchServe extracts the archive into a
-folder that it puts on the worker's ``PYTHONPATH`` (ahead of site-packages), so
-``import services.common.imaging`` below finds the archived copy: the worker decodes with the
-exact bytes-to-tensor code that the predictor and Triton use.
+A thin adapter between TorchServe and the shared code: the model runs on
+:mod:`services.common.runtime` (sha256 check, TorchScript engine, warm-up, top-k) and images
+are decoded by :mod:`services.common.imaging`, exactly as in the predictor and Triton. Packed
+into ``<model>.mar`` by :mod:`services.torchserve.archive` together with ``model.pt``,
+``manifest.json`` and a copy of ``services/common``; TorchServe extracts the archive into a
+folder that it puts on the worker's ``PYTHONPATH`` (ahead of site-packages), so the imports
+below find the archived copy. Batching (TorchServe's batch size and delay) and the pixel limit
+come from the version's serving config in its manifest.
 
 Request body (per request of a batch):
 
@@ -12,8 +15,9 @@ Request body (per request of a batch):
   ``top_k`` from the ``X-Top-K`` header (default 5);
 * or JSON ``{"image": "<base64>", "top_k": k}`` (``application/json``).
 
-A request that is the caller's mistake gets its own 4xx status and a JSON body
-``{"error", "code"}`` through ``context.set_response_status(code, message, idx=i)``; the other
+A request that is the caller's mistake (a :class:`~services.common.errors.ServiceError`, whose
+class decides the status) gets its own 4xx and a JSON body ``{"error", "code"}`` through
+``context.set_response_status(code, message, idx=i)``; the other
 requests of the batch are answered normally (an unexpected exception while decoding one
 request gets that request a 500, logged). Only a fault of the model itself (an exception
 from the forward pass) fails the whole batch, which TorchServe answers with 503.
@@ -38,18 +42,13 @@ import torch
 from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
-from services.common import imaging
+from services.common import imaging, runtime
+from services.common.errors import BadRequest, ServiceError, Unprocessable, UnsupportedMediaType
 from services.common.heap import freeze_startup_heap
-from services.common.imaging import (
-    DEFAULT_MAX_PIXELS,
-    ImageDecodeError,
-    decode_and_preprocess,
-    decode_base64,
-    image_error_status,
-    top_k_predictions,
-)
-from services.common.repository import MANIFEST_NAME, Manifest, sha256_file
+from services.common.imaging import decode_and_preprocess, decode_base64
+from services.common.repository import MANIFEST_NAME, TORCHSCRIPT_NAME, Manifest
 from services.common.schemas import DEFAULT_TOP_K, MAX_TOP_K
+from services.common.serving import ServingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -63,25 +62,8 @@ BATCH_LOG_PREFIX = "batch_size="
 
 _JSON_TYPES = ("application/json",)
 _DIGITS = re.compile(r"\+?[0-9]{1,6}", re.ASCII)
-_STATUS_FOR_CODE = {  # the handler's own request errors; the image's from imaging
-    "unsupported_media_type": 415,
-    "invalid_type": 422,
-    "invalid_top_k": 422,
-    "invalid_request": 422,
-}
-
-
-def request_error(message: str, code: str) -> ImageDecodeError:
-    """The caller's mistake in one request; :func:`status_for` gives its HTTP status.
-
-    TorchServe requires the handler module to define exactly one class (it instantiates the
-    only class it finds), so errors reuse :class:`ImageDecodeError` instead of a new type.
-    """
-    return ImageDecodeError(message, code)
-
-
-def status_for(code: str) -> int:
-    return _STATUS_FOR_CODE.get(code) or image_error_status(code)
+#: TorchScript runs on the worker's one CPU thread pool; warm-up runs per batch size.
+WARMUP_RUNS = 2
 
 
 def reason_phrase(message: str) -> str:
@@ -96,9 +78,9 @@ def _parse_top_k(value: object, source: str) -> int:
         if isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
             value = int(value.strip())
         else:
-            raise request_error(f"{source} must be an integer", "invalid_top_k")
+            raise Unprocessable(f"{source} must be an integer", "invalid_top_k")
     if not 1 <= value <= MAX_TOP_K:
-        raise request_error(f"{source} must be between 1 and {MAX_TOP_K}", "invalid_top_k")
+        raise Unprocessable(f"{source} must be between 1 and {MAX_TOP_K}", "invalid_top_k")
     return value
 
 
@@ -122,7 +104,7 @@ def parse_request(row: dict[str, Any], headers: dict[str, Any]) -> tuple[bytes, 
     elif len(row) == 1:
         name = next(iter(row))
     else:
-        raise request_error("send one image per request", "invalid_request")
+        raise Unprocessable("send one image per request", "invalid_request")
     value = row[name]
     part_headers = headers.get(name)
     part_type = part_headers.get("content-type", "") if isinstance(part_headers, dict) else ""
@@ -137,24 +119,23 @@ def parse_request(row: dict[str, Any], headers: dict[str, Any]) -> tuple[bytes, 
         try:
             value = json.loads(bytes(value).decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError):
-            raise request_error("request body is not valid JSON", "invalid_json") from None
+            raise BadRequest("request body is not valid JSON", "invalid_json") from None
     if isinstance(value, (bytes, bytearray)):
         header_top_k = _header(headers, TOP_K_HEADER)
         top_k = DEFAULT_TOP_K if header_top_k is None else _parse_top_k(header_top_k, "X-Top-K")
         return bytes(value), top_k
     if isinstance(value, str):
-        raise request_error(
+        raise UnsupportedMediaType(
             f"content type {content_type or 'text'!r} is not accepted: send the encoded image "
-            'as application/octet-stream or JSON {"image": "<base64>"}',
-            "unsupported_media_type",
+            'as application/octet-stream or JSON {"image": "<base64>"}'
         )
     if not isinstance(value, dict):
-        raise request_error("JSON body must be an object", "invalid_request")
+        raise Unprocessable("JSON body must be an object")
     unknown = sorted(set(value) - {"image", "top_k"})
     if unknown:
-        raise request_error(f"unknown field(s): {', '.join(unknown)}", "invalid_request")
+        raise Unprocessable(f"unknown field(s): {', '.join(unknown)}")
     if "image" not in value:
-        raise request_error("field 'image' (base64 string) is required", "invalid_request")
+        raise Unprocessable("field 'image' (base64 string) is required")
     top_k = _parse_top_k(value["top_k"], "top_k") if "top_k" in value else DEFAULT_TOP_K
     return decode_base64(value["image"]), top_k
 
@@ -168,57 +149,40 @@ class ImageClassifierHandler(BaseHandler):  # type: ignore[misc]  # ts ships no 
         self.spec = imaging.InputSpec()
         self.labels: list[str] = []
         self.version = ""
-        self.max_pixels = DEFAULT_MAX_PIXELS
+        self.serving = ServingConfig()
+        self.engine: runtime.Engine | None = None
 
     def initialize(self, context: Any) -> None:
-        """Load and verify ``model.pt`` against the manifest, pick the device, warm up."""
+        """Verify ``model.pt`` against the manifest, build the runtime's engine, warm up."""
         properties = context.system_properties
         model_dir = Path(properties["model_dir"])
         gpu_id = properties.get("gpu_id")
-        if torch.cuda.is_available() and gpu_id is not None:
-            self.device = torch.device(f"cuda:{gpu_id}")
-        else:
-            self.device = torch.device("cpu")
+        on_gpu = torch.cuda.is_available() and gpu_id is not None
+        device = f"cuda:{gpu_id}" if on_gpu else "cpu"
 
         manifest = Manifest.model_validate_json((model_dir / MANIFEST_NAME).read_text())
-        model_path = model_dir / "model.pt"
-        expected = manifest.artifacts["torchscript"].sha256
+        model_path = model_dir / TORCHSCRIPT_NAME
+        what = f"{manifest.model} v{manifest.version}: torchscript"
         # The archive is built from verified files; re-checking here catches a tampered or
         # truncated .mar before the worker says READY.
-        actual = sha256_file(model_path)
-        if actual != expected:
-            raise RuntimeError(
-                f"model.pt sha256 {actual[:12]}... does not match the manifest's {expected[:12]}..."
-            )
+        runtime.verify_file(model_path, manifest.artifacts["torchscript"].sha256, what)
         self.manifest_data = manifest
         self.spec = manifest.input_spec
         self.labels = list(manifest.labels)
         self.version = str(manifest.version)
-        self.model = torch.jit.load(  # type: ignore[no-untyped-call]
-            str(model_path), map_location=self.device
-        )
-        self.model.eval()
-        self._warm_up()
+        self.serving = manifest.serving
+        self.engine = runtime.create_engine("torchscript", model_path, device)
+        sizes = runtime.warmup_sizes(self.serving.max_batch_size)
+        runtime.warm_up(self.engine, self.spec.shape, len(self.labels), sizes, WARMUP_RUNS, what)
         freeze_startup_heap()
         self.initialized = True
         logger.info(
-            "loaded %s v%s on %s (imaging from %s)",
+            "loaded %s v%s on %s (runtime from %s)",
             manifest.model,
             manifest.version,
-            self.device,
-            imaging.__file__,
+            device,
+            runtime.__file__,
         )
-
-    def _warm_up(self) -> None:
-        # First calls of a TorchScript module run the profiling executor; do them before READY.
-        dummy = torch.zeros((2, *self.spec.shape), dtype=torch.float32, device=self.device)
-        with torch.inference_mode():
-            for _ in range(2):
-                logits = self.model(dummy)
-        if tuple(logits.shape) != (2, len(self.labels)):
-            raise RuntimeError(
-                f"model output shape {tuple(logits.shape)} does not match {len(self.labels)} labels"
-            )
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:
         """Answer every request of the batch; bad ones get their own 4xx."""
@@ -231,10 +195,10 @@ class ImageClassifierHandler(BaseHandler):  # type: ignore[misc]  # ts ships no 
             try:
                 headers = context.get_all_request_header(idx) or {}
                 image, top_k = parse_request(row, headers)
-                arrays.append(decode_and_preprocess(image, self.spec, self.max_pixels))
+                arrays.append(decode_and_preprocess(image, self.spec, self.serving.max_pixels))
                 good.append((idx, top_k))
-            except ImageDecodeError as exc:
-                self._fail(context, idx, responses, status_for(exc.code), exc.message, exc.code)
+            except ServiceError as exc:
+                self._fail(context, idx, responses, exc.status_code, exc.message, exc.code)
             except Exception:
                 # A fault of ours (or of Pillow) on this one input: answer it with 500 and keep
                 # the rest of the batch, instead of TorchServe's 503 for every request in it.
@@ -243,11 +207,10 @@ class ImageClassifierHandler(BaseHandler):  # type: ignore[misc]  # ts ships no 
                 self._fail(context, idx, responses, 500, message, "internal_error")
 
         if arrays:
-            batch = torch.from_numpy(np.stack(arrays)).to(self.device)
-            with torch.inference_mode():
-                logits = self.model(batch).float().cpu().numpy()
+            assert self.engine is not None, "initialize() runs before any batch"
+            logits = self.engine.infer(np.stack(arrays))
             k_max = max(k for _, k in good)
-            predictions = top_k_predictions(logits, self.labels, k_max)
+            predictions = runtime.top_k_predictions(logits, self.labels, k_max)
             model_name = self.manifest_data.model if self.manifest_data else context.model_name
             for (idx, top_k), preds in zip(good, predictions, strict=True):
                 context.set_response_content_type(idx, "application/json")

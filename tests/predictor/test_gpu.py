@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from services.common.imaging import decode_and_preprocess
-from services.predictor.engines import EngineKind, load_model
+from services.common.runtime import EngineKind, load_model
 from tests.conftest import PublishedModel
 
 pytestmark = pytest.mark.gpu
@@ -25,7 +25,12 @@ def test_fp32_on_cuda_gives_the_eager_top1(
     published_model: PublishedModel, kind: EngineKind
 ) -> None:
     model = load_model(
-        published_model.repo, published_model.model, None, kind, "cuda:0", max_batch_size=64
+        published_model.repo,
+        published_model.model,
+        None,
+        kind,
+        "cuda:0",
+        serving_overrides={"max_batch_size": 64},
     )
     assert model.engine.device == "cuda:0"
     logits = model.engine.infer(_batch(published_model))
@@ -35,7 +40,7 @@ def test_fp32_on_cuda_gives_the_eager_top1(
 def test_fp16_channels_last_agrees_with_fp32(published_model: PublishedModel) -> None:
     """Half precision may flip a near-tie, never more than a few of 64 images."""
     batch = _batch(published_model)
-    common = {"max_batch_size": 64}
+    common = {"serving_overrides": {"max_batch_size": 64}}
     fp32 = load_model(
         published_model.repo, published_model.model, None, "torchscript", "cuda:0", **common
     )

@@ -19,9 +19,9 @@ import pytest
 from fastapi import FastAPI
 
 from services.common.repository import RepositoryError, load_version
+from services.common.runtime import EngineKind, FloatArray, LoadedModel
 from services.predictor.app import StartupError, create_app
 from services.predictor.batcher import DynamicBatcher, QueueFull
-from services.predictor.engines import EngineKind, FloatArray, LoadedModel
 from services.predictor.metrics import PredictorMetrics
 from services.predictor.reloader import ModelManager
 from services.predictor.settings import PredictorSettings
@@ -59,7 +59,8 @@ class GatedEngine:
 
 def _loader(published: PublishedModel, engine: GatedEngine) -> Callable[[int | None], LoadedModel]:
     def load(version: int | None) -> LoadedModel:
-        return LoadedModel(load_version(published.repo, published.model, version), engine)
+        verified = load_version(published.repo, published.model, version)
+        return LoadedModel(verified, engine, verified.manifest.serving)
 
     return load
 
@@ -148,7 +149,8 @@ async def test_failed_start_stops_the_app(published_model: PublishedModel, tmp_p
 
 
 def _model(published: PublishedModel, engine: GatedEngine) -> LoadedModel:
-    return LoadedModel(load_version(published.repo, published.model, None), engine)
+    verified = load_version(published.repo, published.model, None)
+    return LoadedModel(verified, engine, verified.manifest.serving)
 
 
 async def test_batches_are_full_and_never_mix_versions(published_model: PublishedModel) -> None:
@@ -268,3 +270,30 @@ async def test_pinned_version_is_served_and_never_reloaded(
     with pytest.raises(StartupError, match=f"manifest .*{newer}.* is unreadable"):
         async with missing.router.lifespan_context(missing):
             pass
+
+
+async def test_settings_override_the_models_serving_config_and_say_so(
+    published_model: PublishedModel,
+) -> None:
+    """PREDICTOR_MAX_BATCH_SIZE / _MAX_IMAGES replace the manifest's values for this server:
+    the batcher and the request limit follow them and /readyz names them as overrides."""
+    engine = GatedEngine()
+    engine.release.set()
+    settings = _settings(published_model, max_batch_size=2, max_images=3)
+    app = create_app(settings, loader=_loader(published_model, engine))
+    image = b64(published_model.images[0])
+    async with _running(app) as client:
+        ready = (await client.get("/readyz")).json()
+        assert ready["serving_overrides"] == {"max_batch_size": 2, "max_images_per_request": 3}
+        expected = published_model.manifest.serving.model_dump(mode="json") | {
+            "max_batch_size": 2,
+            "max_images_per_request": 3,
+        }
+        assert ready["serving"] == expected
+        assert app.state.predictor.batcher.max_batch_size == 2
+        too_many = await client.post("/predict", json={"images": [image] * 4})
+        assert too_many.status_code == 413
+        assert too_many.json()["code"] == "too_many_images"
+        answered = await client.post("/predict", json={"images": [image] * 3})
+        assert answered.status_code == 200
+    assert max(len(batch) for batch in engine.batches) <= 2

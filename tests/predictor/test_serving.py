@@ -121,6 +121,9 @@ def test_health_docs_and_noop(predictor: PredictorProcess, published_model: Publ
         assert ready["version"] == published_model.version
         assert ready["engine"] == "torchscript"
         assert ready["device"] == "cpu"
+        # The model's own serving config, no PREDICTOR_* override in effect.
+        assert ready["serving"] == published_model.manifest.serving.model_dump(mode="json")
+        assert ready["serving_overrides"] == {}
         assert client.post("/noop", content=b"ignored").json() == {"ok": True}
         assert "swagger" in client.get("/docs").text.lower()
         paths = client.get("/openapi.json").json()["paths"]

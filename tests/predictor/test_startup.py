@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import PublishedModel
 from tests.predictor.conftest import PredictorProcess
 
 pytestmark = pytest.mark.slow
@@ -35,21 +36,37 @@ def test_corrupted_only_version_stops_the_service(repo_copy: Path, tmp_path: Pat
 
 
 @pytest.mark.parametrize(
-    ("setting", "value", "named"),
+    ("settings", "named"),
     [
-        ("max_batch_size", "0", "max_batch_size"),
-        ("engine", "tensorrt", "engine"),
-        ("device", "tpu", "device must be auto, cpu, cuda or cuda:N"),
-        ("queue_size", "4", "queue_size (4) must be at least max_batch_size"),
+        ({"max_batch_size": "0"}, "max_batch_size"),
+        ({"engine": "tensorrt"}, "engine"),
+        ({"device": "tpu"}, "device must be auto, cpu, cuda or cuda:N"),
+        (
+            {"queue_size": "4", "max_batch_size": "8"},
+            "queue_size (4) must be at least max_batch_size",
+        ),
     ],
 )
 def test_bad_settings_stop_the_service_naming_the_setting(
-    tmp_path: Path, setting: str, value: str, named: str
+    tmp_path: Path, settings: dict[str, str], named: str
 ) -> None:
-    server = PredictorProcess(tmp_path, tmp_path / "predictor.log", **{setting: value})
+    server = PredictorProcess(tmp_path, tmp_path / "predictor.log", **settings)
     try:
         assert server.wait_exit() == 2
     finally:
         server.stop()
     assert "invalid settings" in server.log()
     assert named in server.log()
+
+
+def test_a_serving_config_the_queue_cannot_hold_stops_the_service(
+    published_model: PublishedModel, tmp_path: Path
+) -> None:
+    """The model asks for batches of 32 (its serving config); a queue of 4 could never hold one."""
+    assert published_model.manifest.serving.max_batch_size > 4
+    server = PredictorProcess(published_model.repo, tmp_path / "predictor.log", queue_size="4")
+    try:
+        assert server.wait_exit() != 0
+    finally:
+        server.stop()
+    assert "more than PREDICTOR_QUEUE_SIZE (4) can hold" in server.log()

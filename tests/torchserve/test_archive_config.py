@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from services.common.imaging import ImageDecodeError
+from services.common.errors import ServiceError
 from services.common.repository import read_manifest
 from services.torchserve import handler
 from services.torchserve.archive import ArchiveError, build_archive
@@ -133,10 +133,10 @@ class TestParseRequest:
         ],
     )
     def test_mistakes(self, row: dict[str, object], headers: dict[str, object], code: str) -> None:
-        with pytest.raises(ImageDecodeError) as caught:
+        with pytest.raises(ServiceError) as caught:
             handler.parse_request(row, headers)
         assert caught.value.code == code
-        assert 400 <= handler.status_for(code) < 500
+        assert 400 <= caught.value.status_code < 500
 
     def test_reason_phrase_is_one_printable_line(self) -> None:
         assert handler.reason_phrase("bad\r\nthing\x00 é") == "bad thing"

@@ -1,9 +1,10 @@
 """Triton python-backend model ``preprocess``: encoded image bytes -> normalised FP32 CHW.
 
-Copied as ``preprocess/<version>/model.py`` by :mod:`services.triton.model_configs`, beside
-``imaging.py`` (a copy of ``services/common/imaging.py``, the decoding every engine shares) and
-``input_spec.json`` (that version's size and normalisation, from its manifest). Only NumPy and
-Pillow are needed, so it runs in the official Triton image as well as in the local launcher.
+Copied as ``preprocess/<version>/model.py`` by :mod:`services.triton.model_configs`, beside a
+copy of the shared decoding code (``services/common/imaging.py`` and what it imports, see
+:data:`services.common.runtime.PORTABLE_MODULES`) and ``input_spec.json`` (that version's size
+and normalisation, from its manifest). Only NumPy and Pillow are needed, so it runs in the
+official Triton image as well as in the local launcher.
 
 A request whose bytes are not a usable image gets its own error response with code
 ``INVALID_ARG`` (HTTP 400, gRPC INVALID_ARGUMENT) and a message tagged with the decoder's
@@ -15,11 +16,9 @@ are unaffected. Raising from ``execute`` instead would fail the whole batch.
 from __future__ import annotations
 
 import gc
-import importlib.util
 import json
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,24 +28,18 @@ if TYPE_CHECKING:
     from services.common.imaging import InputSpec
 
 
-def _load_imaging(version_dir: Path) -> ModuleType:
-    """Import the carried ``imaging.py`` of this version by path (not whatever is on sys.path)."""
-    name = "_preprocess_imaging"
-    spec = importlib.util.spec_from_file_location(name, version_dir / "imaging.py")
-    if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot import {version_dir / 'imaging.py'}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 class TritonPythonModel:
     """Decode and normalise every image of every request, one response per request."""
 
     def initialize(self, args: dict[str, str]) -> None:
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.imaging = _load_imaging(version_dir)
+        # The carried decoder, not whatever else may be importable in this stub.
+        sys.path.insert(0, str(version_dir))
+        from services.common import imaging
+
+        if not Path(imaging.__file__).resolve().is_relative_to(version_dir.resolve()):
+            raise RuntimeError(f"imported {imaging.__file__}, not the copy in {version_dir}")
+        self.imaging = imaging
         spec_data = json.loads((version_dir / "input_spec.json").read_text())
         self.spec: InputSpec = self.imaging.InputSpec.from_dict(spec_data)
         config = json.loads(args["model_config"])

@@ -3,9 +3,13 @@
 The local ``tritonserver`` (from the ``nvidia-pytriton`` wheel) has only the python backend,
 so the launcher serves ``<model>`` and ``<model>_torchscript`` through this one generic model,
 copied as ``<model>/<version>/model.py`` beside links to that version's ``model.onnx`` or
-``model.pt`` and its ``manifest.json``. The config's ``runtime`` parameter picks ONNX Runtime
-(CPU provider) or TorchScript; the input and output names come from the config, which carries
-the native model's names. The artifact's sha256 is checked against the manifest before loading.
+``model.pt`` and its ``manifest.json``, and beside a copy of the shared model runtime
+(``services/common/runtime.py`` and what it imports, see
+:data:`services.common.runtime.PORTABLE_MODULES`). The twin is a thin adapter: the runtime
+checks the file's sha256 against the manifest, builds the engine (ONNX Runtime on its CPU
+provider, or TorchScript, by the config's ``runtime`` parameter) and warms it up, the same
+code the predictor and the TorchServe handler run. Input and output names come from the
+config, which carries the native model's names.
 
 Triton's dynamic batcher hands ``execute`` several requests at once; they are concatenated
 into one batch, run once, and split back, so batching here is real batching.
@@ -14,86 +18,63 @@ into one batch, run once, and split back, so batching here is real batching.
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
 
-_ARTIFACTS = {"onnxruntime": "onnx", "torchscript": "torchscript"}
+if TYPE_CHECKING:
+    from services.common.runtime import EngineKind
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+#: The config's ``runtime`` parameter -> (the runtime's engine kind, the manifest's artifact).
+_RUNTIMES: dict[str, tuple[EngineKind, str]] = {
+    "onnxruntime": ("onnx", "onnx"),
+    "torchscript": ("torchscript", "torchscript"),
+}
+WARMUP_RUNS = 2
 
 
 class TritonPythonModel:
     """Runs one published version of the classifier for a batch of requests."""
 
     def initialize(self, args: dict[str, str]) -> None:
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        # The carried runtime, not whatever else may be importable in this stub.
+        sys.path.insert(0, str(version_dir))
+        from services.common import runtime
+
+        if not Path(runtime.__file__).resolve().is_relative_to(version_dir.resolve()):
+            raise RuntimeError(f"imported {runtime.__file__}, not the copy in {version_dir}")
         config = json.loads(args["model_config"])
-        self.runtime = config["parameters"]["runtime"]["string_value"]
-        if self.runtime not in _ARTIFACTS:
-            raise ValueError(f"unknown runtime {self.runtime!r} (expected one of {_ARTIFACTS})")
+        name = config["parameters"]["runtime"]["string_value"]
+        if name not in _RUNTIMES:
+            raise ValueError(f"unknown runtime {name!r} (expected one of {sorted(_RUNTIMES)})")
+        kind, artifact_key = _RUNTIMES[name]
         self.input_name = config["input"][0]["name"]
         self.output_name = config["output"][0]["name"]
         self.output_dtype = pb_utils.triton_string_to_numpy(config["output"][0]["data_type"])
-        version_dir = Path(args["model_repository"]) / args["model_version"]
         manifest = json.loads((version_dir / "manifest.json").read_text())
-        artifact = manifest["artifacts"][_ARTIFACTS[self.runtime]]
+        artifact = manifest["artifacts"][artifact_key]
         path = version_dir / Path(artifact["path"]).name
-        actual = _sha256(path)
-        if actual != artifact["sha256"]:
-            raise RuntimeError(
-                f"{path}: sha256 {actual[:12]}... does not match the manifest's "
-                f"{artifact['sha256'][:12]}..."
-            )
-        if self.runtime == "onnxruntime":
-            import onnxruntime as ort
-
-            # One intra-op thread, like the predictor: ORT's default pool pins a thread to every
-            # core, which escapes `taskset` and steals the load generator's core in benchmarks.
-            # Scale with TRITON_INSTANCE_COUNT instead.
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = 1
-            options.inter_op_num_threads = 1
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self.session = ort.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
-            )
-            self.session_input = self.session.get_inputs()[0].name
-        else:
-            import torch
-
-            torch.set_num_threads(1)  # as for ONNX Runtime above
-            self.module = torch.jit.load(  # type: ignore[no-untyped-call]
-                str(path), map_location="cpu"
-            ).eval()
+        what = f"{args['model_name']} v{args['model_version']}"
+        runtime.verify_file(path, artifact["sha256"], what)
+        if kind == "torchscript":
+            runtime.set_torch_threads(1)  # one thread like ORT's; scale with instance_group
+        self.engine = runtime.create_engine(kind, path, "cpu", threads=1)
+        shape = manifest["input"]["shape"]
+        sizes = runtime.warmup_sizes(int(config.get("max_batch_size") or 1))
+        runtime.warm_up(self.engine, shape, len(manifest["labels"]), sizes, WARMUP_RUNS, what)
         pb_utils.Logger.log_info(
-            f"{args['model_name']} v{args['model_version']}: {self.runtime} twin of {path.name} "
-            f"(sha256 {actual[:12]}...)"
+            f"{what}: {name} twin of {path.name} (sha256 {artifact['sha256'][:12]}..., "
+            f"runtime from {runtime.__file__})"
         )
         # Exempt what initialize loaded from every later garbage collection (the stub runs
         # apart from the services package; why: services/common/heap.py).
         gc.collect()
         gc.freeze()
-
-    def _run(self, batch: npt.NDArray[Any]) -> npt.NDArray[Any]:
-        if self.runtime == "onnxruntime":
-            outputs = self.session.run(None, {self.session_input: batch})
-            return np.asarray(outputs[0])
-        import torch
-
-        with torch.inference_mode():
-            result: npt.NDArray[Any] = self.module(torch.from_numpy(batch)).numpy()
-        return result
 
     def execute(self, requests: list[Any]) -> list[Any]:
         arrays = [
@@ -101,7 +82,8 @@ class TritonPythonModel:
             for request in requests
         ]
         try:
-            outputs = self._run(np.concatenate(arrays)).astype(self.output_dtype, copy=False)
+            batch = np.concatenate(arrays).astype(np.float32, copy=False)
+            outputs = self.engine.infer(batch).astype(self.output_dtype, copy=False)
         except Exception as exc:  # answer every request; never fail the stub
             pb_utils.Logger.log_error(f"inference failed: {exc!r}")
             error = pb_utils.TritonError(f"[internal_error] inference failed: {exc}")
