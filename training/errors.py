@@ -15,7 +15,3 @@ class ConfigError(TrainingError):
 
 class ParityError(TrainingError):
     """An exported model disagrees with the eager model; nothing is published."""
-
-
-class PublishError(TrainingError):
-    """The repository could not be written."""

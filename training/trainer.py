@@ -29,7 +29,6 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from services.common.imaging import InputSpec
 from training.data import DataSplits, load_dataset
 from training.digits import DEFAULT_SPLIT_FRACTIONS, DEFAULT_SPLIT_SEED
 from training.errors import ConfigError, TrainingError
@@ -367,7 +366,3 @@ def train(cfg: TrainConfig, splits: DataSplits | None = None) -> TrainResult:
         dist.barrier()
         dist.destroy_process_group()
     return TrainResult(best_path, test_acc, float(best["best_val_loss"]), epoch + 1)
-
-
-def checkpoint_input_spec(payload: dict[str, Any]) -> InputSpec:
-    return InputSpec.from_dict(payload["input_spec"])

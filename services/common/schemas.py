@@ -1,4 +1,4 @@
-"""The public API contract (DESIGN.md "Gateway API"), shared by the predictor and the gateway."""
+"""The public API contract (docs/architecture.md "Gateway API"), shared by the predictor and the gateway."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The base of every service's one settings class (STYLE.md 4).
+"""The base of every service's one settings class.
 
 A service subclasses :class:`ServiceSettings`, sets its own ``env_prefix`` and documents each
 field with a docstring right under it (pydantic turns those into field descriptions, so

@@ -1,4 +1,4 @@
-"""The gateway's FastAPI app: the one service a user talks to (DESIGN.md "Gateway API").
+"""The gateway's FastAPI app: the one service a user talks to (docs/architecture.md "Gateway API").
 
 Request path of ``POST /predict``: request id -> metrics -> body size limit (413 from the
 declared length or the bytes counted) -> API key (when configured) -> JSON shape, image count
@@ -6,7 +6,7 @@ and base64 (each image decoded once here) -> routing (:mod:`services.gateway.rou
 engine (:mod:`services.gateway.backends`) -> one answer schema with ``X-Backend`` and
 ``X-Request-ID``. Nothing that fails validation reaches an engine.
 
-The lifespan owns the pooled engine clients and the readiness poller (STYLE.md 3): the first
+The lifespan owns the pooled engine clients and the readiness poller: the first
 round of readiness checks runs before the gateway accepts requests, the poller keeps
 ``/readyz`` current, and on shutdown the poller stops and every client is closed.
 """

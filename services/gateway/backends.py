@@ -1,9 +1,9 @@
-"""One engine contract, three implementations (STYLE.md 1).
+"""One engine contract, three implementations.
 
 Every engine is reached through its own native API with one pooled keep-alive
 :class:`aiohttp.ClientSession` (created by the app's lifespan, closed on shutdown):
 
-* predictor: ``POST /predict`` with the DESIGN.md JSON body, the base64 text forwarded as the
+* predictor: ``POST /predict`` with the gateway's own JSON body, the base64 text forwarded as the
   client sent it (it was validated at the edge; this API takes nothing else);
 * TorchServe: ``POST /predictions/<model>`` with the raw image bytes, ``X-Top-K`` and the
   inference key from TorchServe's ``key_file.json``; one request per image (TorchServe batches
@@ -40,6 +40,7 @@ from services.common.errors import image_error_status
 from services.common.runtime import top_k_predictions
 from services.gateway.settings import BackendName, GatewaySettings
 from services.torchserve.config import Keys, read_keys
+from services.torchserve.workers import ready_workers
 from services.triton.protocol import (
     LOGITS_OUTPUT,
     binary_infer_request,
@@ -458,12 +459,8 @@ class TorchServeBackend(HttpBackend):
         if reply.status != 200:
             return Readiness(False, f"management API answered {reply.status}")
         try:
-            ready = [
-                str(entry.get("modelVersion"))
-                for entry in reply.json()
-                if any(w.get("status") == "READY" for w in entry.get("workers", []))
-            ]
-        except (orjson.JSONDecodeError, AttributeError, TypeError):
+            ready = [version for version, count in ready_workers(reply.json()).items() if count]
+        except ValueError:  # not JSON (orjson.JSONDecodeError is one), or not a description
             return Readiness(False, "management API sent a malformed description")
         if not ready:
             return Readiness(False, f"{self.model} has no READY worker")

@@ -1,4 +1,4 @@
-"""The gateway's Prometheus metrics (DESIGN.md "Metrics"), all in one per-app registry.
+"""The gateway's Prometheus metrics (docs/architecture.md "Metrics"), all in one per-app registry.
 
 Label values are bounded: engine names from the settings (plus ``none`` for requests refused
 at the edge and ``all`` for compare mode), the one configured model, HTTP status codes and

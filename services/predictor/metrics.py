@@ -1,4 +1,4 @@
-"""The predictor's Prometheus metrics (DESIGN.md "Metrics"), all in one per-app registry."""
+"""The predictor's Prometheus metrics (docs/architecture.md "Metrics"), all in one per-app registry."""
 
 from __future__ import annotations
 
