@@ -1,10 +1,9 @@
 """Keep Python's cyclic garbage collector away from what a service loaded at startup.
 
-Importing torch, onnxruntime and FastAPI and loading a model leaves 80,000 (gateway) to
-220,000 (predictor) objects that live as long as the process. Each full collection walks all of
-them: measured here, 40 ms in the gateway and 100-130 ms in the predictor, about once a second
-under load, with the event loop stopped meanwhile. Every request in flight waited for it: the
-predictor's p99 at concurrency 32 was 120-150 ms against a p50 of 17 ms.
+Importing torch, onnxruntime and FastAPI and loading a model leaves hundreds of thousands of
+objects that live as long as the process. Each full collection walks all of them, tens of
+milliseconds at a time and about once a second under load, with the event loop stopped
+meanwhile: every request in flight waits for it, which shows as a p99 several times the p50.
 
 :func:`freeze_startup_heap` moves the objects alive now into the permanent generation
 (:func:`gc.freeze`), which collections never scan; objects made later are collected as

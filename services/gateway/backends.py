@@ -12,10 +12,10 @@ Every engine is reached through its own native API with one pooled keep-alive
   encoded images travel as raw BYTES, no base64), asking for ``LOGITS`` through the
   classification extension so that labels come from the model's own label file.
 
-aiohttp rather than httpx: with httpx 0.28 / httpcore 1.0.9 the client alone cost 1.3-2 ms of
-CPU per request at 16 concurrent requests on this project's 2-CPU machine (its pool re-scans
-every connection twice per request, and retries a failed ``import sniffio`` on every lock),
-against 0.13-0.18 ms for aiohttp, and the gateway shares its CPUs with the engines.
+aiohttp rather than httpx: httpx's pool re-scans every connection twice per request and retries
+a failed ``import sniffio`` on every lock, which made its client cost about ten times aiohttp's
+CPU per request under concurrency (the figures are in the README's "Architecture"), and the
+gateway shares its CPUs with the engines.
 
 Each implementation turns its engine's answers into an :class:`Answer` or one of the
 :class:`BackendError` kinds, which decide what the gateway does next: a caller's mistake

@@ -53,7 +53,7 @@ class PredictorSettings(ServiceSettings):
     """Feed the TorchScript model channels-last tensors (CUDA only; ignored on CPU)."""
     jit_optimize: bool = True
     """Freeze the TorchScript module and apply torch.jit.optimize_for_inference on CPU (oneDNN
-    prepacked convolutions: about 3x faster here; results equal to ~1e-6)."""
+    prepacked convolutions: several times faster for the CNNs here; results equal to ~1e-6)."""
     intra_op_threads: int = Field(default=1, ge=0)
     """Threads inside one CPU inference; 0 = every CPU this process may use. One is fastest for
     the small models here: a second thread competes with request handling for the CPU."""
