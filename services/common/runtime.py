@@ -63,6 +63,14 @@ def portable_files() -> dict[str, Path]:
     return files
 
 
+def require_carried(version_dir: Path) -> None:
+    """Raise unless this module was imported from the copy carried in ``version_dir``: a model
+    folder must run its own bytes, not whatever else is importable in that process."""
+    here = Path(__file__).resolve()
+    if not here.is_relative_to(version_dir.resolve()):
+        raise RuntimeError(f"imported {here}, not the copy carried in {version_dir}")
+
+
 class EngineError(ServiceError):
     """An engine could not be built, or gave a wrong answer while warming up."""
 

@@ -33,12 +33,10 @@ class TritonPythonModel:
 
     def initialize(self, args: dict[str, str]) -> None:
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        # The carried decoder, not whatever else may be importable in this stub.
-        sys.path.insert(0, str(version_dir))
-        from services.common import imaging
+        sys.path.insert(0, str(version_dir))  # the carried decoder, see require_carried
+        from services.common import imaging, runtime
 
-        if not Path(imaging.__file__).resolve().is_relative_to(version_dir.resolve()):
-            raise RuntimeError(f"imported {imaging.__file__}, not the copy in {version_dir}")
+        runtime.require_carried(version_dir)
         self.imaging = imaging
         spec_data = json.loads((version_dir / "input_spec.json").read_text())
         self.spec: InputSpec = self.imaging.InputSpec.from_dict(spec_data)

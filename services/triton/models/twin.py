@@ -42,12 +42,10 @@ class TritonPythonModel:
 
     def initialize(self, args: dict[str, str]) -> None:
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        # The carried runtime, not whatever else may be importable in this stub.
-        sys.path.insert(0, str(version_dir))
+        sys.path.insert(0, str(version_dir))  # the carried runtime, see require_carried
         from services.common import runtime
 
-        if not Path(runtime.__file__).resolve().is_relative_to(version_dir.resolve()):
-            raise RuntimeError(f"imported {runtime.__file__}, not the copy in {version_dir}")
+        runtime.require_carried(version_dir)
         config = json.loads(args["model_config"])
         name = config["parameters"]["runtime"]["string_value"]
         if name not in _RUNTIMES:
