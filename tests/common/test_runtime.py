@@ -73,9 +73,10 @@ class TestEngines:
     def test_a_file_that_is_no_model_is_an_engine_error(self, tmp_path: Path) -> None:
         junk = tmp_path / "model.onnx"
         junk.write_bytes(b"not a model")
-        for kind in ("onnx", "torchscript"):
+        kinds: list[runtime.EngineKind] = ["onnx", "torchscript"]
+        for kind in kinds:
             with pytest.raises(EngineError, match="cannot load"):
-                runtime.create_engine(kind, junk)  # type: ignore[arg-type]
+                runtime.create_engine(kind, junk)
 
     def test_cuda_where_there_is_none_is_refused(self) -> None:
         if runtime.cuda_available():
