@@ -6,10 +6,15 @@ Usage::
     python -m training train --dataset cifar10 --data-dir data --arch resnet8 --epochs 40
     python -m training export --checkpoint checkpoints/best.pt --out exported/
     python -m training publish --checkpoint checkpoints/best.pt --repo model_repository --keep 5
+    python -m training publish --max-batch-size 16 --preferred-batch-sizes 4 8 --instance-count 2
     torchrun --nproc-per-node 2 -m training train        # DistributedDataParallel
 
-Errors a user can fix (unknown dataset or arch, missing or empty folder, failed parity) print
-one line to stderr and exit with status 2; nothing is published after a failure.
+The serving flags (--max-batch-size, ...) become the version's serving block in its manifest:
+how the predictor, TorchServe and Triton batch and limit requests for that version.
+
+Errors a user can fix (unknown dataset or arch, missing or empty folder, failed parity, a
+serving value out of range) print one line to stderr and exit with status 2; nothing is
+published after a failure.
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from services.common.serving import ServingConfig
 from training.data import DATASETS
-from training.errors import TrainingError
+from training.errors import ConfigError, TrainingError
 from training.models import ARCHITECTURES
 from training.trainer import SCHEDULES, TrainConfig
 
@@ -152,15 +160,78 @@ def _add_publish_flags(parser: argparse.ArgumentParser) -> None:
         "--keep",
         type=int,
         default=None,
-        help="after publishing, delete all but the newest N versions",
+        help="after publishing, delete all but the newest N versions (N >= 1)",
     )
-    parser.add_argument(
+    _add_serving_flags(parser)
+
+
+def _add_serving_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ServingConfig field, its default the field's (README "Serving config")."""
+    d = ServingConfig()
+    g = parser.add_argument_group(
+        "serving config", "written into the version's manifest; every engine batches by it"
+    )
+    g.add_argument(
         "--max-batch-size",
         type=int,
-        default=None,
-        help="max_batch_size written to the Triton config.pbtxt files "
-        "(default: TRITON_MAX_BATCH_SIZE, itself 64 by default)",
+        default=d.max_batch_size,
+        help="most images in one inference call; 1 turns batching off (default %(default)s)",
     )
+    g.add_argument(
+        "--max-batch-delay-ms",
+        type=float,
+        default=d.max_batch_delay_ms,
+        help="how long the oldest queued image may wait for a batch to fill "
+        "(default %(default)s; TorchServe rounds it up to whole ms)",
+    )
+    g.add_argument(
+        "--preferred-batch-sizes",
+        type=int,
+        nargs="*",
+        default=list(d.preferred_batch_sizes),
+        metavar="N",
+        help="batch sizes Triton's dynamic batcher aims for, each at most --max-batch-size "
+        "(default: none, the largest batch it can form)",
+    )
+    g.add_argument(
+        "--max-images-per-request",
+        type=int,
+        default=d.max_images_per_request,
+        help="most images in one request (default %(default)s)",
+    )
+    g.add_argument(
+        "--max-pixels",
+        type=int,
+        default=d.max_pixels,
+        help="largest image (width x height) an engine decodes (default %(default)s)",
+    )
+    g.add_argument(
+        "--instance-count",
+        type=int,
+        default=d.instance_count,
+        help="model instances per engine: Triton instances, TorchServe workers, predictor "
+        "inference threads (default %(default)s)",
+    )
+
+
+def serving_config(args: argparse.Namespace) -> ServingConfig:
+    """The serving block the flags describe; a value that cannot work is a ConfigError."""
+    values = {name: getattr(args, name) for name in ServingConfig.model_fields}
+    try:
+        return ServingConfig.model_validate(values)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            message = str(error["msg"]).removeprefix("Value error, ")
+            field = ".".join(str(part) for part in error["loc"][:1])
+            problems.append(f"--{field.replace('_', '-')}: {message}" if field else message)
+        raise ConfigError("invalid serving config: " + "; ".join(problems)) from None
+
+
+def _check_publish_args(args: argparse.Namespace) -> ServingConfig:
+    if args.keep is not None and args.keep < 1:
+        raise ConfigError(f"--keep must be at least 1, got {args.keep}")
+    return serving_config(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,6 +280,10 @@ def run(args: argparse.Namespace) -> int:
     from training.publish import publish_checkpoint
     from training.trainer import train
 
+    # Checked before any training: a typo in a serving flag costs no minutes.
+    serving = (
+        _check_publish_args(args) if args.command in ("publish", "train-and-publish") else None
+    )
     if args.command == "train":
         result = train(_train_config(args))
         if int(os.environ.get("RANK", "0")) == 0:
@@ -223,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
             Path(args.repo),
             args.model_name,
             keep=args.keep,
-            max_batch_size=args.max_batch_size,
+            serving=serving,
         )
         print(f"published {args.model_name} version {version} to {args.repo}")
     else:
@@ -237,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
             Path(args.repo),
             args.model_name,
             keep=args.keep,
-            max_batch_size=args.max_batch_size,
+            serving=serving,
         )
         print(
             f"published {args.model_name} version {version} to {args.repo}: "

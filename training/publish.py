@@ -1,7 +1,9 @@
 """Publish a checkpoint as a new version of the Triton-style model repository, atomically.
 
 Steps: export TorchScript + ONNX into a staging folder beside the repository, check parity,
-write the manifest (sha256 of every artifact), build the TorchServe archive and fsync
+write the manifest (sha256 of every artifact, and the ``serving`` block:
+:class:`~services.common.serving.ServingConfig`, from the CLI's flags), build the TorchServe
+archive and fsync
 everything; then, holding the repository lock, rename the TorchScript version folder into place
 and finally the ONNX version folder that holds ``manifest.json``: that last rename is the commit
 point (:func:`services.common.repository.list_versions` only sees versions with a manifest). A
@@ -37,9 +39,9 @@ from services.common.repository import (
     list_versions,
     sha256_file,
 )
+from services.common.serving import ServingConfig
 from services.torchserve.archive import build_archive
 from services.triton.model_configs import remove_versions, write_triton_models
-from services.triton.settings import TritonSettings
 from training.data import load_dataset
 from training.export import INPUT_NAME, OUTPUT_NAME, export_and_check
 from training.trainer import load_checkpoint, model_from_checkpoint
@@ -96,6 +98,7 @@ def build_manifest(
     staging: Path,
     artifacts: dict[str, Path],
     parity: dict[str, Any],
+    serving: ServingConfig,
 ) -> Manifest:
     spec = InputSpec.from_dict(checkpoint["input_spec"])
     input_info = spec.to_dict() | {"name": INPUT_NAME}
@@ -119,6 +122,7 @@ def build_manifest(
             )
             for key, path in artifacts.items()
         },
+        serving=serving,
         parity=parity,
         training_config=checkpoint["config"],
     )
@@ -177,14 +181,15 @@ def publish_checkpoint(
     model: str = DEFAULT_MODEL_NAME,
     *,
     keep: int | None = None,
-    max_batch_size: int | None = None,
+    serving: ServingConfig | None = None,
 ) -> int:
     """Export, check and publish ``checkpoint_path`` as the next version; return its number.
 
-    The Triton configs take their batching from ``TritonSettings`` (``TRITON_*``);
-    ``max_batch_size``, when given, overrides ``TRITON_MAX_BATCH_SIZE``."""
+    ``serving`` becomes the manifest's serving block (default: :class:`ServingConfig`'s
+    defaults); every engine batches as it says, the Triton configs written here included."""
     started = time.perf_counter()
     repo = repo.resolve()
+    serving = serving or ServingConfig()
     checkpoint = load_checkpoint(checkpoint_path)
     eager = model_from_checkpoint(checkpoint)
     parity_batch = held_out_batch(checkpoint)
@@ -208,6 +213,7 @@ def publish_checkpoint(
                 staging,
                 {"onnx": onnx_path, "torchscript": ts_path},
                 report.as_dict(),
+                serving,
             )
             mar = build_archive(staging, manifest, onnx_dir)
             manifest.artifacts["torchserve_archive"] = Artifact(
@@ -219,13 +225,9 @@ def publish_checkpoint(
             fsync_tree(staging)
 
             # Configs of the native models, preprocess and the ensemble; they need only the
-            # manifest, and name no version, so writing them before the commit is safe.
-            triton = (
-                TritonSettings()
-                if max_batch_size is None
-                else TritonSettings(max_batch_size=max_batch_size)
-            )
-            write_triton_models(repo, manifest, triton)
+            # manifest (batching from its serving block), and name no version, so writing them
+            # before the commit is safe.
+            write_triton_models(repo, manifest)
             for staged in (ts_dir, onnx_dir):  # the manifest's folder last: the commit point
                 move_into_place(staged, repo / staged.relative_to(staging))
             if keep is not None:

@@ -5,6 +5,9 @@ up      generate the python-backend repository, start tritonserver in the backgr
 down    stop it (the whole process group: server and python stubs)
 status  print whether it runs and is ready
 run     generate, then become tritonserver in the foreground (for supervisord)
+
+--settings prints the TRITON_* table, then every override in effect (a TRITON_* batching value
+that replaces the model's serving config on this server) beside the model's value.
 """
 
 from __future__ import annotations
@@ -15,7 +18,11 @@ import sys
 import time
 
 import httpx
+from pydantic import ValidationError
 
+from services.common.repository import RepositoryError, newest_version, read_manifest
+from services.common.serving import ServingConfig
+from services.common.settings import settings_table
 from services.triton.launcher import LauncherError, LocalTriton
 from services.triton.settings import TritonSettings
 
@@ -28,17 +35,50 @@ def _ready(settings: TritonSettings) -> bool:
         return False
 
 
+def _overrides(settings: TritonSettings) -> list[str]:
+    """One line per override in effect, against the newest published version's serving."""
+    repo = settings.repository.resolve()
+    try:
+        manifest = read_manifest(repo, settings.model, newest_version(repo, settings.model))
+        model, source = manifest.serving, f"{settings.model} v{manifest.version}"
+    except RepositoryError:
+        model, source = ServingConfig(), "the serving defaults: no version published yet"
+    return [f"{override.describe()} [{source}]" for override in settings.overrides(model)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m services.triton",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", choices=["up", "down", "status", "run"])
+    parser.add_argument("command", nargs="?", choices=["up", "down", "status", "run"])
+    parser.add_argument(
+        "--settings",
+        action="store_true",
+        help="print the settings table (markdown) and the overrides in effect, then exit",
+    )
     args = parser.parse_args(argv)
+    if not args.settings and args.command is None:
+        parser.error("a command is required (up, down, status or run)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness poll otherwise
-    settings = TritonSettings()
+    try:
+        settings = TritonSettings()
+    except ValidationError as exc:
+        print(f"error: invalid TRITON_* settings:\n{exc}", file=sys.stderr)
+        return 2
+    if args.settings:
+        print(settings_table(TritonSettings))
+        lines = _overrides(settings)
+        print(
+            "\noverrides in effect:"
+            if lines
+            else "\nno override in effect: the model's serving config applies"
+        )
+        for line in lines:
+            print(f"  {line}")
+        return 0
     triton = LocalTriton(settings)
     try:
         if args.command == "up":

@@ -4,7 +4,8 @@ The wheel ships Triton 2.51 with only the python backend. :class:`LocalTriton`:
 
 1. generates the python-backend repository into ``<run_dir>/model_repository``
    (:func:`services.triton.model_configs.write_local_repository`: twins of the native models
-   on the same version files, ``preprocess``, the ensemble);
+   on the same version files, ``preprocess``, the ensemble), batching as the version's
+   ``serving`` block says unless a ``TRITON_*`` override is set (each one logged);
 2. assembles a backend directory in ``<run_dir>/backends/python`` with the wheel's backend
    library and the stub built for this Python (the wheel keeps stubs per Python version apart);
 3. starts ``tritonserver`` bound to ``settings.host`` in its own process group, with this
@@ -35,7 +36,7 @@ from typing import IO
 
 import httpx
 
-from services.common.repository import RepositoryError
+from services.common.repository import RepositoryError, read_manifest
 from services.triton.model_configs import write_local_repository
 from services.triton.settings import TritonSettings
 
@@ -137,8 +138,11 @@ class LocalTriton:
                 self.settings.model,
                 self.settings,
             )
-        except RepositoryError as exc:  # nothing (verified) to serve: say so, no traceback
-            raise LauncherError(str(exc)) from None
+        except (RepositoryError, ValueError) as exc:  # nothing (verified) to serve, or
+            raise LauncherError(str(exc)) from None  # overrides that do not fit: say so
+        manifest = read_manifest(self.settings.repository.resolve(), self.settings.model, version)
+        for override in self.settings.overrides(manifest.serving):
+            logger.warning("%s", override.describe())
         python_dir = self.backends / "python"
         python_dir.mkdir(parents=True, exist_ok=True)
         for source in (

@@ -1,7 +1,8 @@
 """Triton model configs for a published model, all generated from its manifest.
 
-One description (the version's :class:`~services.common.repository.Manifest`, plus the batching
-values of :class:`~services.triton.settings.TritonSettings`) gives every ``config.pbtxt``:
+One description, the version's :class:`~services.common.repository.Manifest`, gives every
+``config.pbtxt``; batching, instances and the pixel limit come from its ``serving`` block
+(:class:`~services.common.serving.ServingConfig`, written by publish):
 
 =========================  =================  ===============================================
 model                      platform/backend   what it is
@@ -14,9 +15,11 @@ model                      platform/backend   what it is
 
 The local launcher has only Triton's python backend, so it serves *twins*: python-backend
 configs with the native models' names, inputs and outputs, run by one generic ``model.py``
-(:mod:`services.triton.models.twin`) on the same version files. Text generation is pure (the
-``*_config`` functions); :func:`write_triton_models` and :func:`write_local_repository` put it on
-disk atomically (temporary file or folder, then rename).
+(:mod:`services.triton.models.twin`) on the same version files; only there do the launcher's
+optional ``TRITON_*`` overrides (:meth:`~services.triton.settings.TritonSettings.serving_for`)
+and its ``preprocess`` settings apply. Text generation is pure (the ``*_config`` functions);
+:func:`write_triton_models` and :func:`write_local_repository` put it on disk atomically
+(temporary file or folder, then rename).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from services.common.repository import (
     load_version,
     version_dir,
 )
+from services.common.serving import ServingConfig
 from services.triton.protocol import (
     ENSEMBLE_SUFFIX,
     IMAGE_INPUT,
@@ -63,11 +67,24 @@ TWIN_SOURCE = MODELS_DIR / "twin.py"
 #: self-contained (the official Triton image has no ``services`` package).
 IMAGING_SOURCE = Path(imaging.__file__).resolve()
 
+#: ``preprocess`` in the published configs (the local launcher takes TRITON_PREPROCESS_*):
+#: decoding is the server's CPU work, not the model's, so these are not in the serving block.
+DEFAULT_PREPROCESS_INSTANCE_COUNT = 1
+DEFAULT_PREPROCESS_QUEUE_DELAY_US = 100
+
 Runtime = Literal["onnxruntime", "torchscript"]
 _TRITON_DTYPES = {
     "FP16", "FP32", "FP64", "BF16", "INT8", "INT16", "INT32", "INT64",
     "UINT8", "UINT16", "UINT32", "UINT64", "BOOL", "STRING",
 }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PreprocessOptions:
+    """How many ``preprocess`` instances decode, and how long its queue waits to batch."""
+
+    instance_count: int = DEFAULT_PREPROCESS_INSTANCE_COUNT
+    queue_delay_us: int = DEFAULT_PREPROCESS_QUEUE_DELAY_US
 
 
 @dataclass(frozen=True)
@@ -133,6 +150,24 @@ def _tensor_block(tensors: Sequence[Tensor], labels: bool = False, nchw: bool = 
     return "[\n" + ",\n".join(items) + "\n]\n"
 
 
+def triton_batching(serving: ServingConfig) -> tuple[int, tuple[int, ...]]:
+    """Triton's ``max_batch_size`` and preferred batch sizes for a serving config.
+
+    Triton's ``max_batch_size`` caps the batches its dynamic batcher forms *and* the images one
+    request may carry (a request is a batch it never splits), where the serving config keeps
+    the two apart, as the predictor does: it merges single images up to ``max_batch_size`` and
+    runs a request of up to ``max_images_per_request`` images as one batch. So Triton gets the
+    larger of the two, and when that is the request limit and no preferred size was given, a
+    preferred size of ``max_batch_size``: the batcher forms the largest preferred batch it can,
+    so merged batches stay at ``max_batch_size`` while a larger request is still accepted.
+    """
+    largest = max(serving.max_batch_size, serving.max_images_per_request)
+    preferred = tuple(serving.preferred_batch_sizes)
+    if not preferred and largest > serving.max_batch_size:
+        preferred = (serving.max_batch_size,)
+    return largest, preferred
+
+
 def _dynamic_batching(preferred: Iterable[int], delay_us: int) -> str:
     sizes = ", ".join(str(size) for size in sorted(set(preferred)))
     preferred_line = f"  preferred_batch_size: [ {sizes} ]\n" if sizes else ""
@@ -166,8 +201,10 @@ _NATIVE_PLATFORMS: dict[Runtime, str] = {
 
 
 def _classifier_config(
-    manifest: Manifest, settings: TritonSettings, runtime: Runtime, python_twin: bool
+    manifest: Manifest, serving: ServingConfig | None, runtime: Runtime, python_twin: bool
 ) -> str:
+    serving = serving or manifest.serving
+    max_batch_size, preferred = triton_batching(serving)
     model_in, model_out = input_tensor(manifest), output_tensor(manifest)
     name = manifest.model
     if runtime == "torchscript":
@@ -180,53 +217,66 @@ def _classifier_config(
         # KIND_AUTO: on the GPU where the container has one, on the CPU otherwise.
         engine, kind = f"platform: {_q(_NATIVE_PLATFORMS[runtime])}", "KIND_AUTO"
     return (
-        _header(name, engine, settings.max_batch_size)
+        _header(name, engine, max_batch_size)
         + f"input {_tensor_block([model_in], nchw=True)}"
         + f"output {_tensor_block([model_out], labels=True)}"
-        + _dynamic_batching(settings.preferred_batch_sizes, settings.max_queue_delay_microseconds)
-        + _instance_group(settings.instance_count, kind)
+        + _dynamic_batching(preferred, serving.max_batch_delay_us)
+        + _instance_group(serving.instance_count, kind)
         + (_parameters({"runtime": runtime}) if python_twin else "")
     )
 
 
-def onnx_config(manifest: Manifest, settings: TritonSettings) -> str:
+# ``serving`` defaults to the manifest's own block; the local launcher passes it with its
+# overrides applied.
+
+
+def onnx_config(manifest: Manifest, serving: ServingConfig | None = None) -> str:
     """Native ``<model>/config.pbtxt``: ONNX Runtime, dynamic batching, labels attached."""
-    return _classifier_config(manifest, settings, "onnxruntime", python_twin=False)
+    return _classifier_config(manifest, serving, "onnxruntime", python_twin=False)
 
 
-def torchscript_config(manifest: Manifest, settings: TritonSettings) -> str:
+def torchscript_config(manifest: Manifest, serving: ServingConfig | None = None) -> str:
     """Native ``<model>_torchscript/config.pbtxt`` (libtorch binds ``INPUT__0``/``OUTPUT__0``)."""
-    return _classifier_config(manifest, settings, "torchscript", python_twin=False)
+    return _classifier_config(manifest, serving, "torchscript", python_twin=False)
 
 
-def twin_config(manifest: Manifest, settings: TritonSettings, runtime: Runtime) -> str:
+def twin_config(manifest: Manifest, runtime: Runtime, serving: ServingConfig | None = None) -> str:
     """A python-backend twin of a native model: same name, inputs, outputs and batching."""
-    return _classifier_config(manifest, settings, runtime, python_twin=True)
+    return _classifier_config(manifest, serving, runtime, python_twin=True)
 
 
-def preprocess_config(manifest: Manifest, settings: TritonSettings) -> str:
-    """``preprocess``: python backend, IMAGE (encoded bytes) -> INPUT (normalised CHW)."""
+def preprocess_config(
+    manifest: Manifest,
+    serving: ServingConfig | None = None,
+    options: PreprocessOptions | None = None,
+) -> str:
+    """``preprocess``: python backend, IMAGE (encoded bytes) -> INPUT (normalised CHW).
+
+    It batches like the classifier (the ensemble hands it the same requests) and refuses
+    images over the serving block's ``max_pixels`` before decoding them."""
+    serving = serving or manifest.serving
+    options = options or PreprocessOptions()
+    max_batch_size, preferred = triton_batching(serving)
     model_in = input_tensor(manifest)
     return (
-        _header(PREPROCESS_MODEL, 'backend: "python"', settings.max_batch_size)
+        _header(PREPROCESS_MODEL, 'backend: "python"', max_batch_size)
         + f"input {_tensor_block([Tensor(IMAGE_INPUT, 'STRING', (1,))])}"
         + "output "
         + _tensor_block([Tensor(PREPROCESSED_OUTPUT, model_in.dtype, model_in.dims)])
-        + _dynamic_batching(
-            settings.preferred_batch_sizes, settings.preprocess_queue_delay_microseconds
-        )
-        + _instance_group(settings.preprocess_instance_count, "KIND_CPU")
-        + _parameters({"max_pixels": str(settings.max_image_pixels)})
+        + _dynamic_batching(preferred, options.queue_delay_us)
+        + _instance_group(options.instance_count, "KIND_CPU")
+        + _parameters({"max_pixels": str(serving.max_pixels)})
     )
 
 
-def ensemble_config(manifest: Manifest, settings: TritonSettings) -> str:
+def ensemble_config(manifest: Manifest, serving: ServingConfig | None = None) -> str:
     """``<model>_ensemble``: IMAGE -> preprocess -> <model> -> LOGITS (labels attached).
 
     Both steps use the newest loaded version (-1); publish writes preprocess and classifier
     versions with the same numbers, so the newest of each belong together. ``label_filename``
     on LOGITS lets clients ask Triton's classification extension for ``score:index:label``.
     """
+    serving = serving or manifest.serving
     model_in, model_out = input_tensor(manifest), output_tensor(manifest)
     steps = (
         "ensemble_scheduling {\n  step [\n"
@@ -243,7 +293,9 @@ def ensemble_config(manifest: Manifest, settings: TritonSettings) -> str:
         "  ]\n}\n"
     )
     return (
-        _header(manifest.model + ENSEMBLE_SUFFIX, 'platform: "ensemble"', settings.max_batch_size)
+        _header(
+            manifest.model + ENSEMBLE_SUFFIX, 'platform: "ensemble"', triton_batching(serving)[0]
+        )
         + f"input {_tensor_block([Tensor(IMAGE_INPUT, 'STRING', (1,))])}"
         + "output "
         + _tensor_block([Tensor(LOGITS_OUTPUT, model_out.dtype, model_out.dims)], labels=True)
@@ -326,36 +378,41 @@ def preprocess_files(manifest: Manifest) -> dict[str, FileSource]:
     return {"model.py": PREPROCESS_SOURCE, "imaging.py": IMAGING_SOURCE, INPUT_SPEC_FILE: spec}
 
 
-def write_pipeline(repo: Path, manifest: Manifest, settings: TritonSettings) -> None:
+def write_pipeline(
+    repo: Path,
+    manifest: Manifest,
+    serving: ServingConfig | None = None,
+    options: PreprocessOptions | None = None,
+) -> None:
     """``preprocess`` and ``<model>_ensemble``: configs, labels and this version's folders."""
-    write_text_atomic(repo / PREPROCESS_MODEL / CONFIG_FILE, preprocess_config(manifest, settings))
+    write_text_atomic(
+        repo / PREPROCESS_MODEL / CONFIG_FILE, preprocess_config(manifest, serving, options)
+    )
     write_version_dir(repo / PREPROCESS_MODEL, manifest.version, preprocess_files(manifest))
     ensemble_dir = repo / (manifest.model + ENSEMBLE_SUFFIX)
-    write_text_atomic(ensemble_dir / CONFIG_FILE, ensemble_config(manifest, settings))
+    write_text_atomic(ensemble_dir / CONFIG_FILE, ensemble_config(manifest, serving))
     write_text_atomic(ensemble_dir / LABELS_FILE, _labels_text(manifest))
     write_version_dir(ensemble_dir, manifest.version, {})  # an ensemble's version folder is empty
 
 
-def write_triton_models(
-    repo: Path, manifest: Manifest, settings: TritonSettings | None = None
-) -> None:
+def write_triton_models(repo: Path, manifest: Manifest) -> None:
     """Write every Triton config of a version being published into the model repository.
 
-    Publish calls this once per version: the native configs and labels of ``<model>`` and
-    ``<model>_torchscript``, then ``preprocess`` and ``<model>_ensemble`` with a version folder
-    numbered like the classifier's. It needs only the manifest, not the version's files, so it
-    may run before the version's commit. Settings default to the ``TRITON_*`` environment.
+    Publish calls this once per version: the native configs and labels
+    of ``<model>`` and ``<model>_torchscript``, then ``preprocess`` and ``<model>_ensemble``
+    with a version folder numbered like the classifier's. It needs only the manifest (batching
+    from its ``serving`` block), not the version's files, so it may run before the version's
+    commit. No environment variable is read: the configs are the model's.
     """
-    settings = settings or TritonSettings()
     labels = _labels_text(manifest)
     natives = {
-        manifest.model: onnx_config(manifest, settings),
-        manifest.model + TORCHSCRIPT_SUFFIX: torchscript_config(manifest, settings),
+        manifest.model: onnx_config(manifest),
+        manifest.model + TORCHSCRIPT_SUFFIX: torchscript_config(manifest),
     }
     for name, config in natives.items():
         write_text_atomic(repo / name / CONFIG_FILE, config)
         write_text_atomic(repo / name / LABELS_FILE, labels)
-    write_pipeline(repo, manifest, settings)
+    write_pipeline(repo, manifest)
 
 
 def remove_versions(repo: Path, model: str, versions: Iterable[int]) -> None:
@@ -378,12 +435,19 @@ def write_local_repository(
     """Generate the python-backend repository the local tritonserver serves; return its version.
 
     The newest published version of ``model`` in ``source_repo`` is verified (sha256 of every
-    artifact; a mismatch raises rather than serving something else) and keeps its number here:
+    artifact; a mismatch raises rather than serving something else) and keeps its number here.
+    Its serving block, with the overrides of ``settings`` applied
+    (:meth:`~services.triton.settings.TritonSettings.serving_for`; ValueError when they do not
+    fit the model), sets the batching; ``settings`` also gives preprocess's instances and delay:
     a python twin per native model whose version folder holds the generic ``model.py`` and
     links to the published ``model.onnx`` / ``model.pt`` and ``manifest.json``, plus
     ``preprocess`` and the ensemble. ``target`` is rebuilt from scratch.
     """
     manifest = load_version(source_repo, model).manifest
+    serving = settings.serving_for(manifest.serving)
+    options = PreprocessOptions(
+        settings.preprocess_instance_count, settings.preprocess_queue_delay_microseconds
+    )
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
@@ -392,7 +456,7 @@ def write_local_repository(
         twins.append(("torchscript", "torchscript"))
     published_manifest = version_dir(source_repo, model, manifest.version) / MANIFEST_NAME
     for runtime, artifact_key in twins:
-        config = twin_config(manifest, settings, runtime)
+        config = twin_config(manifest, runtime, serving)
         model_dir = target / (model if runtime == "onnxruntime" else model + TORCHSCRIPT_SUFFIX)
         write_text_atomic(model_dir / CONFIG_FILE, config)
         write_text_atomic(model_dir / LABELS_FILE, _labels_text(manifest))
@@ -400,5 +464,5 @@ def write_local_repository(
         artifact = source_repo / manifest.artifacts[artifact_key].path
         (folder / artifact.name).symlink_to(artifact.resolve())
         (folder / MANIFEST_NAME).symlink_to(published_manifest.resolve())
-    write_pipeline(target, manifest, settings)
+    write_pipeline(target, manifest, serving, options)
     return manifest.version

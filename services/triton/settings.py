@@ -1,20 +1,43 @@
-"""Settings of the Triton engine: ports, repositories and batching (env prefix ``TRITON_``).
+"""Settings of the local Triton server (env prefix ``TRITON_``): ports, folders, timeouts.
 
-Used twice: by :func:`services.triton.model_configs.write_triton_models` (what publish writes
-into the model repository) and by the local launcher (``python -m services.triton``).
+Read by the local launcher (``python -m services.triton``) only. How the model batches is not
+here: it is the version's ``serving`` block (:class:`~services.common.serving.ServingConfig`),
+which publish writes and :mod:`services.triton.model_configs` turns into every config.pbtxt.
+The batching fields below are optional **overrides** of that block for this one server (None,
+the default, keeps the model's value); the launcher applies them to the configs it generates
+(:meth:`TritonSettings.serving_for`), logs each one in effect at start, and
+``python -m services.triton --settings`` lists them against the model's values.
+The configs publish writes for the containers never see them.
+
 Every value can be set in the environment, e.g. ``TRITON_HTTP_PORT=8300``; list values are
 JSON (``TRITON_PREFERRED_BATCH_SIZES='[4, 8]'``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.common.imaging import DEFAULT_MAX_PIXELS
+from services.common.serving import ServingConfig, ServingConfigError, with_overrides
+
+
+@dataclass(frozen=True)
+class Override:
+    """One ``TRITON_*`` setting in effect over the model's serving config."""
+
+    variable: str
+    value: Any
+    field: str
+    model_value: Any
+
+    def describe(self) -> str:
+        return (
+            f"{self.variable}={self.value} overrides the model's {self.field} ({self.model_value})"
+        )
 
 
 class TritonSettings(BaseSettings):
@@ -47,21 +70,30 @@ class TritonSettings(BaseSettings):
     run_dir: Path = Path("runs/triton")
     """Folder the local launcher generates its python-backend repository, log and pid file in."""
 
-    instance_count: int = Field(default=1, ge=1, le=64)
-    """Instances of the classifier (native configs and the local python twins)."""
     preprocess_instance_count: int = Field(default=1, ge=1, le=64)
-    """Instances of the python ``preprocess`` model (image decoding is CPU-bound)."""
-    max_batch_size: int = Field(default=64, ge=1, le=4096)
-    """Largest batch Triton's dynamic batcher forms (and the largest batch a request may carry)."""
-    preferred_batch_sizes: list[int] = Field(default_factory=lambda: [8, 16, 32])
-    """Batch sizes the dynamic batcher tries to form before the queue delay runs out (the
-    defaults larger than ``max_batch_size`` are dropped; values set explicitly must fit)."""
-    max_queue_delay_microseconds: int = Field(default=500, ge=0, le=10_000_000)
-    """How long a request may wait in the classifier's queue for others to batch with."""
+    """Instances of the python ``preprocess`` model the local server runs (image decoding is
+    this server's CPU work; the configs publish writes use 1)."""
     preprocess_queue_delay_microseconds: int = Field(default=100, ge=0, le=10_000_000)
-    """Queue delay of the ``preprocess`` model."""
-    max_image_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
-    """Images with more pixels are refused by ``preprocess`` before decoding (bombs)."""
+    """Queue delay of the local ``preprocess`` model (the configs publish writes use 100)."""
+
+    max_batch_size: int | None = Field(default=None, ge=1, le=4096)
+    """Override of the model's serving ``max_batch_size`` (the largest batch the dynamic batcher
+    forms) for the local server; unset keeps the model's. The model's preferred sizes that no
+    longer fit are dropped. Triton's own max_batch_size is the larger of this and the model's
+    ``max_images_per_request``: a request is a batch Triton never splits."""
+    preferred_batch_sizes: list[int] | None = None
+    """Override of the model's ``preferred_batch_sizes`` (JSON list) for the local server;
+    unset keeps the model's."""
+    max_queue_delay_microseconds: int | None = Field(default=None, ge=0, le=1_000_000)
+    """Override of the model's ``max_batch_delay_ms`` (in microseconds, Triton's unit) for the
+    local server; unset keeps the model's."""
+    instance_count: int | None = Field(default=None, ge=1, le=64)
+    """Override of the model's ``instance_count`` (classifier instances) for the local server;
+    unset keeps the model's."""
+    max_image_pixels: int | None = Field(default=None, ge=1)
+    """Override of the model's ``max_pixels`` (larger images are refused by ``preprocess``
+    before decoding) for the local server; unset keeps the model's."""
+
     torchscript_twin: bool = True
     """Also serve ``<model>_torchscript`` locally (its python twin imports torch: ~0.6 GB)."""
 
@@ -79,15 +111,56 @@ class TritonSettings(BaseSettings):
         ports = {self.http_port, self.grpc_port, self.metrics_port}
         if len(ports) != 3:
             raise ValueError("http_port, grpc_port and metrics_port must differ")
-        bad = [size for size in self.preferred_batch_sizes if not 1 <= size <= self.max_batch_size]
-        if bad and "preferred_batch_sizes" in self.model_fields_set:
-            raise ValueError(
-                f"preferred_batch_sizes {bad} are outside 1..max_batch_size ({self.max_batch_size})"
-            )
-        if bad:  # the defaults, with a smaller max_batch_size: keep the ones that fit
-            fitting = [size for size in self.preferred_batch_sizes if size not in bad]
-            object.__setattr__(self, "preferred_batch_sizes", fitting or [self.max_batch_size])
+        if self.preferred_batch_sizes is not None:
+            limit = self.max_batch_size or 4096
+            bad = [size for size in self.preferred_batch_sizes if not 1 <= size <= limit]
+            if bad:
+                raise ValueError(
+                    f"preferred_batch_sizes {bad} are outside 1..max_batch_size ({limit})"
+                )
         return self
+
+    def overrides(self, model: ServingConfig) -> list[Override]:
+        """The overrides set (not None), each with the model's value it replaces."""
+        prefix = str(self.model_config.get("env_prefix", ""))
+        replaced: dict[str, tuple[str, Any]] = {  # setting -> (model's field, its value)
+            "max_batch_size": ("max_batch_size", model.max_batch_size),
+            "preferred_batch_sizes": ("preferred_batch_sizes", list(model.preferred_batch_sizes)),
+            "max_queue_delay_microseconds": ("max_batch_delay_us", model.max_batch_delay_us),
+            "instance_count": ("instance_count", model.instance_count),
+            "max_image_pixels": ("max_pixels", model.max_pixels),
+        }
+        return [
+            Override(prefix + name.upper(), getattr(self, name), field, model_value)
+            for name, (field, model_value) in replaced.items()
+            if getattr(self, name) is not None
+        ]
+
+    def serving_for(self, model: ServingConfig) -> ServingConfig:
+        """The model's serving config with these overrides applied (a
+        :class:`~services.common.serving.ServingConfigError`, a ValueError, if they clash).
+
+        A ``max_batch_size`` override without ``preferred_batch_sizes`` keeps the model's
+        preferred sizes that still fit."""
+        update: dict[str, Any] = {}
+        if self.max_batch_size is not None:
+            update["max_batch_size"] = self.max_batch_size
+            if self.preferred_batch_sizes is None:
+                update["preferred_batch_sizes"] = tuple(
+                    size for size in model.preferred_batch_sizes if size <= self.max_batch_size
+                )
+        if self.preferred_batch_sizes is not None:
+            update["preferred_batch_sizes"] = tuple(self.preferred_batch_sizes)
+        if self.max_queue_delay_microseconds is not None:
+            update["max_batch_delay_ms"] = self.max_queue_delay_microseconds / 1000
+        if self.instance_count is not None:
+            update["instance_count"] = self.instance_count
+        if self.max_image_pixels is not None:
+            update["max_pixels"] = self.max_image_pixels
+        try:
+            return with_overrides(model, update)
+        except ServingConfigError as exc:
+            raise ServingConfigError(f"TRITON_* overrides: {exc}") from None
 
     @property
     def ensemble(self) -> str:

@@ -18,6 +18,11 @@ from services.common.repository import (
     read_manifest,
     sha256_file,
 )
+from services.common.serving import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_IMAGES_PER_REQUEST,
+    ServingConfig,
+)
 from training import publish as publish_module
 from training.data import load_dataset
 from training.errors import ParityError
@@ -64,7 +69,10 @@ def test_publish_layout_twice(trained_checkpoint: Path, tmp_path: Path) -> None:
     assert list_versions(repo, "classifier") == [1, 2]
 
     onnx_cfg = _parse_config(repo / "classifier" / "config.pbtxt")
-    assert onnx_cfg.platform == "onnxruntime_onnx" and onnx_cfg.max_batch_size == 64
+    assert onnx_cfg.platform == "onnxruntime_onnx"
+    # The serving defaults: requests of up to 64 images, merged batches of 32.
+    assert onnx_cfg.max_batch_size == DEFAULT_MAX_IMAGES_PER_REQUEST
+    assert list(onnx_cfg.dynamic_batching.preferred_batch_size) == [DEFAULT_MAX_BATCH_SIZE]
     assert onnx_cfg.HasField("dynamic_batching")
     assert list(onnx_cfg.input[0].dims) == [3, 32, 32]
     assert list(onnx_cfg.output[0].dims) == [10]
@@ -81,6 +89,8 @@ def test_publish_layout_twice(trained_checkpoint: Path, tmp_path: Path) -> None:
         assert manifest.dataset["name"] == "digits"
         assert manifest.input["shape"] == [3, 32, 32] and len(manifest.input["mean"]) == 3
         assert manifest.torch_version == torch.__version__ and manifest.created_at
+        assert manifest.serving == ServingConfig()
+        assert set(manifest.artifacts) == {"onnx", "torchscript", "torchserve_archive"}
         for artifact in manifest.artifacts.values():
             assert sha256_file(repo / artifact.path) == artifact.sha256
         loaded = load_version(repo, "classifier", version)
@@ -95,16 +105,23 @@ def test_publish_layout_twice(trained_checkpoint: Path, tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".repo.staging-*"))
 
 
-def test_triton_batch_size_comes_from_triton_settings_unless_given(
+def test_triton_batch_size_comes_from_the_serving_config_not_the_environment(
     trained_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     repo = tmp_path / "repo"
     config = repo / "classifier" / "config.pbtxt"
-    monkeypatch.setenv("TRITON_MAX_BATCH_SIZE", "32")
+    monkeypatch.setenv("TRITON_MAX_BATCH_SIZE", "8")  # a server's override: publish ignores it
+    monkeypatch.setenv("TRITON_PREFERRED_BATCH_SIZES", "[2]")
     publish_checkpoint(trained_checkpoint, repo)
-    assert _parse_config(config).max_batch_size == 32
-    publish_checkpoint(trained_checkpoint, repo, max_batch_size=16)
+    assert _parse_config(config).max_batch_size == DEFAULT_MAX_IMAGES_PER_REQUEST
+    assert list(_parse_config(config).dynamic_batching.preferred_batch_size) == [
+        DEFAULT_MAX_BATCH_SIZE
+    ]
+    assert read_manifest(repo, "classifier", 1).serving == ServingConfig()
+    serving = ServingConfig(max_batch_size=16, max_images_per_request=16)
+    publish_checkpoint(trained_checkpoint, repo, serving=serving)
     assert _parse_config(config).max_batch_size == 16
+    assert read_manifest(repo, "classifier", 2).serving == serving
 
 
 def test_crash_mid_publish_leaves_previous_version_serving(
@@ -160,5 +177,7 @@ def test_keep_prunes_old_versions(trained_checkpoint: Path, tmp_path: Path) -> N
         publish_checkpoint(trained_checkpoint, repo, keep=2)
     assert list_versions(repo, "classifier") == [2, 3]
     assert not (repo / "classifier_torchscript" / "1").exists()
+    for name in ("classifier", "classifier_torchscript", "preprocess", "classifier_ensemble"):
+        assert sorted(p.name for p in (repo / name).iterdir() if p.is_dir()) == ["2", "3"], name
     manifest = json.loads((repo / "classifier" / "3" / "manifest.json").read_text())
     assert manifest["version"] == 3

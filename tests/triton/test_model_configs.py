@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import onnx
@@ -13,6 +16,7 @@ from pydantic import ValidationError
 from tritonclient.grpc import model_config_pb2
 
 from services.common import imaging
+from services.common.serving import ServingConfig
 from services.triton import model_configs as mc
 from services.triton.settings import TritonSettings
 from tests.conftest import PublishedModel
@@ -71,8 +75,12 @@ def test_native_onnx_config_matches_the_onnx_file(published_model: PublishedMode
         # max_batch_size > 0 means Triton prepends a batch axis: the file must have a free one.
         assert all(dynamic for *_, dynamic in onnx_tensors)
     assert config.output[0].label_filename == "labels.txt"
-    assert config.dynamic_batching.max_queue_delay_microseconds > 0
-    assert list(config.dynamic_batching.preferred_batch_size)
+    serving = published_model.manifest.serving  # the session's model: the serving defaults
+    largest, preferred = mc.triton_batching(serving)
+    assert config.max_batch_size == largest
+    assert list(config.dynamic_batching.preferred_batch_size) == list(preferred)
+    assert config.dynamic_batching.max_queue_delay_microseconds == serving.max_batch_delay_us > 0
+    assert [g.count for g in config.instance_group] == [serving.instance_count]
     assert (repo / model / "labels.txt").read_text().splitlines() == published_model.manifest.labels
 
 
@@ -130,14 +138,14 @@ def test_preprocess_and_ensemble_are_wired_to_the_classifier(
 
 
 def test_python_twins_keep_the_native_interface(published_model: PublishedModel) -> None:
-    settings = TritonSettings(instance_count=2)
+    serving = ServingConfig(instance_count=2, preferred_batch_sizes=(4, 8))
     manifest = published_model.manifest
     for runtime, native in (
         ("onnxruntime", mc.onnx_config),
         ("torchscript", mc.torchscript_config),
     ):
-        twin = parse(mc.twin_config(manifest, settings, runtime))  # type: ignore[arg-type]
-        original = parse(native(manifest, settings))
+        twin = parse(mc.twin_config(manifest, runtime, serving))  # type: ignore[arg-type]
+        original = parse(native(manifest, serving))
         assert twin.backend == "python" and not twin.platform
         assert twin.name == original.name
         assert twin.input == original.input and twin.output == original.output
@@ -148,34 +156,81 @@ def test_python_twins_keep_the_native_interface(published_model: PublishedModel)
         ]
 
 
-def test_batching_and_instances_come_from_settings(published_model: PublishedModel) -> None:
-    settings = TritonSettings(
+def test_batching_and_instances_come_from_the_serving_config(
+    published_model: PublishedModel,
+) -> None:
+    serving = ServingConfig(
         max_batch_size=32,
-        preferred_batch_sizes=[4, 16],
-        max_queue_delay_microseconds=750,
+        preferred_batch_sizes=(16, 4),
+        max_batch_delay_ms=0.75,
         instance_count=3,
-        preprocess_instance_count=2,
-        max_image_pixels=1000,
+        max_images_per_request=32,
+        max_pixels=1000,
     )
-    manifest = published_model.manifest
-    onnx_config = parse(mc.onnx_config(manifest, settings))
-    assert onnx_config.max_batch_size == 32
-    assert list(onnx_config.dynamic_batching.preferred_batch_size) == [4, 16]
-    assert onnx_config.dynamic_batching.max_queue_delay_microseconds == 750
-    assert [g.count for g in onnx_config.instance_group] == [3]
-    preprocess = parse(mc.preprocess_config(manifest, settings))
-    assert [g.count for g in preprocess.instance_group] == [2]
+    manifest = published_model.manifest.model_copy(update={"serving": serving})
+    for config in (mc.onnx_config(manifest), mc.torchscript_config(manifest)):
+        parsed = parse(config)
+        assert parsed.max_batch_size == 32
+        assert list(parsed.dynamic_batching.preferred_batch_size) == [4, 16]
+        assert parsed.dynamic_batching.max_queue_delay_microseconds == 750
+        assert [g.count for g in parsed.instance_group] == [3]
+    preprocess = parse(mc.preprocess_config(manifest))
+    assert preprocess.max_batch_size == 32
+    assert list(preprocess.dynamic_batching.preferred_batch_size) == [4, 16]
+    assert preprocess.dynamic_batching.max_queue_delay_microseconds == 100
+    assert [g.count for g in preprocess.instance_group] == [1]
     assert preprocess.parameters["max_pixels"].string_value == "1000"
+    options = mc.PreprocessOptions(instance_count=2, queue_delay_us=50)
+    local = parse(mc.preprocess_config(manifest, options=options))
+    assert [g.count for g in local.instance_group] == [2]
+    assert local.dynamic_batching.max_queue_delay_microseconds == 50
+    assert parse(mc.ensemble_config(manifest)).max_batch_size == 32
+    # No preferred sizes: the dynamic batcher forms the largest batch it can.
+    plain = ServingConfig(max_batch_size=16, max_images_per_request=16)
+    parsed = parse(mc.onnx_config(manifest.model_copy(update={"serving": plain})))
+    assert parsed.max_batch_size == 16
+    assert parsed.HasField("dynamic_batching") and not parsed.dynamic_batching.preferred_batch_size
+
+
+def test_triton_accepts_the_request_limit_and_merges_up_to_the_batch_size() -> None:
+    # A request is one batch to Triton: max_batch_size must hold max_images_per_request, and a
+    # preferred size keeps merged batches at the serving config's max_batch_size.
+    assert mc.triton_batching(ServingConfig(max_batch_size=32, max_images_per_request=64)) == (
+        64,
+        (32,),
+    )
+    assert mc.triton_batching(ServingConfig(max_batch_size=16, max_images_per_request=8)) == (
+        16,
+        (),
+    )
+    given = ServingConfig(max_batch_size=16, preferred_batch_sizes=(4, 8))
+    assert mc.triton_batching(given) == (64, (4, 8))  # merges stop at 8 already
 
 
 def test_settings_refuse_inconsistent_values() -> None:
     with pytest.raises(ValidationError, match="preferred_batch_sizes"):
         TritonSettings(max_batch_size=8, preferred_batch_sizes=[4, 16])
-    # Default preferred sizes adapt to a small max_batch_size instead of failing.
-    assert TritonSettings(max_batch_size=8).preferred_batch_sizes == [8]
-    assert TritonSettings(max_batch_size=4).preferred_batch_sizes == [4]
     with pytest.raises(ValidationError, match="must differ"):
         TritonSettings(http_port=9000, grpc_port=9000)
+
+
+def test_overrides_apply_over_the_model_serving_config() -> None:
+    model = ServingConfig(max_batch_size=32, preferred_batch_sizes=(8, 16), instance_count=1)
+    assert TritonSettings().serving_for(model) == model
+    assert TritonSettings().overrides(model) == []
+    smaller = TritonSettings(max_batch_size=8, instance_count=2, max_queue_delay_microseconds=250)
+    served = smaller.serving_for(model)
+    # The model's preferred sizes that no longer fit are dropped.
+    assert (served.max_batch_size, served.preferred_batch_sizes) == (8, (8,))
+    assert (served.instance_count, served.max_batch_delay_us) == (2, 250)
+    assert TritonSettings(max_batch_size=4).serving_for(model).preferred_batch_sizes == ()
+    assert [o.describe() for o in smaller.overrides(model)] == [
+        "TRITON_MAX_BATCH_SIZE=8 overrides the model's max_batch_size (32)",
+        "TRITON_MAX_QUEUE_DELAY_MICROSECONDS=250 overrides the model's max_batch_delay_us (1000)",
+        "TRITON_INSTANCE_COUNT=2 overrides the model's instance_count (1)",
+    ]
+    with pytest.raises(ValueError, match="do not fit the serving config"):
+        TritonSettings(preferred_batch_sizes=[64]).serving_for(model)
 
 
 def test_writing_again_is_a_no_op_and_leaves_no_temporary_files(
@@ -205,6 +260,59 @@ def test_a_stale_preprocess_version_folder_is_replaced(
     spec = json.loads((version_dir / "input_spec.json").read_text())
     assert imaging.InputSpec.from_dict(spec) == manifest.input_spec
     assert (version_dir / "model.py").is_file()
+
+
+def test_the_local_repository_applies_the_overrides_and_publish_does_not(
+    repo_copy: Path, published_model: PublishedModel, tmp_path: Path
+) -> None:
+    published = (repo_copy / "classifier" / "config.pbtxt").read_text()
+    settings = TritonSettings(
+        max_batch_size=8, instance_count=2, max_image_pixels=5000, preprocess_instance_count=3
+    )
+    target = tmp_path / "run" / "model_repository"
+    mc.write_local_repository(target, repo_copy, published_model.model, settings)
+    # Requests keep the model's image limit; merged batches stop at the override.
+    largest = published_model.manifest.serving.max_images_per_request
+    for name in ("classifier", "classifier_torchscript", "preprocess"):
+        config = read_config(target / name / "config.pbtxt")
+        assert config.max_batch_size == largest, name
+        assert list(config.dynamic_batching.preferred_batch_size) == [8], name
+    twin = read_config(target / "classifier" / "config.pbtxt")
+    assert [g.count for g in twin.instance_group] == [2]
+    preprocess = read_config(target / "preprocess" / "config.pbtxt")
+    assert [g.count for g in preprocess.instance_group] == [3]
+    assert preprocess.parameters["max_pixels"].string_value == "5000"
+    assert read_config(target / "classifier_ensemble" / "config.pbtxt").max_batch_size == largest
+    assert (repo_copy / "classifier" / "config.pbtxt").read_text() == published
+    with pytest.raises(ValueError, match="preferred_batch_sizes"):
+        mc.write_local_repository(
+            target, repo_copy, published_model.model, TritonSettings(preferred_batch_sizes=[512])
+        )
+
+
+def test_settings_flag_names_the_overrides_in_effect(published_model: PublishedModel) -> None:
+    def settings_output(**variables: str) -> str:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRITON_")}
+        env.update(TRITON_REPOSITORY=str(published_model.repo), **variables)
+        done = subprocess.run(
+            [sys.executable, "-m", "services.triton", "--settings"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    plain = settings_output()
+    assert "| `TRITON_MAX_BATCH_SIZE` | (none) |" in plain
+    assert "no override in effect" in plain
+    overridden = settings_output(TRITON_MAX_BATCH_SIZE="8")
+    served = published_model.manifest.serving.max_batch_size
+    assert (
+        f"TRITON_MAX_BATCH_SIZE=8 overrides the model's max_batch_size ({served}) "
+        f"[classifier v{published_model.version}]"
+    ) in overridden
 
 
 def test_local_repository_twins_link_the_published_files(
