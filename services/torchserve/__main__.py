@@ -9,6 +9,9 @@ Settings come from the environment (``TORCHSERVE_*``, see services/torchserve/co
                         the default version's workers are all READY, 3 not running, 4 not ready
     reload              serve the newest published version (register + set-default, no restart)
     render-config       print the config.properties of a profile (local or compose)
+
+--settings prints the TORCHSERVE_* table, then every override in effect (a batching value
+that replaces the model's serving config on this server) beside the model's value.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ from types import FrameType
 import httpx
 from pydantic import ValidationError
 
-from services.torchserve.config import TorchServeSettings, render_profile
+from services.common.repository import RepositoryError, newest_version, read_manifest
+from services.common.serving import ServingConfig
+from services.common.settings import settings_table
+from services.torchserve.config import TorchServeSettings, registration, render_profile
 from services.torchserve.launcher import (
     TorchServeError,
     down,
@@ -59,13 +65,38 @@ def _foreground(settings: TorchServeSettings) -> int:
     return 0
 
 
+def _print_settings(settings: TorchServeSettings) -> None:
+    print(settings_table(TorchServeSettings))
+    repo = settings.repository_path
+    try:
+        version = settings.version or newest_version(repo, settings.model)
+        serving, source = read_manifest(repo, settings.model, version).serving, f"v{version}"
+    except RepositoryError:
+        serving, source = ServingConfig(), "the serving defaults: no version published yet"
+    overrides = registration(settings, serving).overrides
+    if not overrides:
+        print("\nno override in effect: the model's serving config applies")
+        return
+    print("\noverrides in effect:")
+    for variable, override in overrides.items():
+        print(
+            f"  {variable}={override['value']} overrides the model's {override['field']} "
+            f"({override['model']}) [{settings.model} {source}]"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m services.torchserve",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument(
+        "--settings",
+        action="store_true",
+        help="print the settings table (markdown) and the overrides in effect, then exit",
+    )
+    commands = parser.add_subparsers(dest="command")
     up_parser = commands.add_parser("up", help="start TorchServe and wait until READY")
     up_parser.add_argument("--foreground", action="store_true", help="stay attached")
     commands.add_parser("down", help="stop TorchServe (no process left behind)")
@@ -74,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     render = commands.add_parser("render-config", help="print a profile's config.properties")
     render.add_argument("--profile", choices=["local", "compose"], default="local")
     args = parser.parse_args(argv)
+    if not args.settings and args.command is None:
+        parser.error("a command is required")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -87,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         logger.error("invalid TORCHSERVE_* settings: %s", exc)
         return 2
+    if args.settings:
+        _print_settings(settings)
+        return 0
     try:
         if args.command == "up":
             if args.foreground:

@@ -7,9 +7,17 @@ One settings class drives both uses:
 * compose: inference and metrics on 0.0.0.0 inside the container, management on the compose
   network only (the port is not published to the host), the same security settings.
 
+How the model batches is not a TorchServe setting: it is the ``serving`` block of the version
+registered (:class:`~services.common.serving.ServingConfig`, written by publish), turned into
+TorchServe's registration by :func:`registration`: ``max_batch_size`` -> ``batchSize``,
+``max_batch_delay_ms`` rounded up -> ``maxBatchDelay``, ``instance_count`` -> min/max workers.
+``TORCHSERVE_BATCH_SIZE``, ``TORCHSERVE_MAX_BATCH_DELAY_MS`` and ``TORCHSERVE_WORKERS`` are
+optional overrides of those values for this one server (unset: the model's); ``status`` and
+``--settings`` name each one in effect.
+
 The checked-in ``config.local.properties`` and ``config.compose.properties`` are this
-renderer's output for the two profiles (a test keeps them in sync), so they can be read or
-used with a plain ``torchserve --ts-config``.
+renderer's output for the two profiles with the default serving config (a test keeps them in
+sync), so they can be read or used with a plain ``torchserve --ts-config``.
 
 Security choices (README "TorchServe"):
 
@@ -26,14 +34,16 @@ Security choices (README "TorchServe"):
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.http import DEFAULT_MAX_BODY_BYTES
+from services.common.serving import ServingConfig
 
 #: Where TorchServe writes its token-authorization keys, in its working directory.
 KEY_FILE_NAME = "key_file.json"
@@ -78,12 +88,15 @@ class TorchServeSettings(BaseSettings):
     """gRPC inference port (TorchServe always opens it; bound like `host`)."""
     grpc_management_port: int = Field(default=8184, ge=1, le=65535)
     """gRPC management port (bound like `management_host`)."""
-    workers: int = Field(default=1, ge=1, le=64)
-    """Python workers for the model (each one a process holding the model)."""
-    batch_size: int = Field(default=8, ge=1, le=1024)
-    """Most requests TorchServe hands the handler in one batch."""
-    max_batch_delay_ms: int = Field(default=5, ge=0, le=10_000)
-    """How long TorchServe waits to fill a batch; every request may wait this long."""
+    workers: int | None = Field(default=None, ge=1, le=64)
+    """Override of the model's serving ``instance_count``: Python workers for the model (each
+    one a process holding it); unset keeps the model's."""
+    batch_size: int | None = Field(default=None, ge=1, le=1024)
+    """Override of the model's ``max_batch_size``: most requests TorchServe hands the handler in
+    one batch; unset keeps the model's."""
+    max_batch_delay_ms: int | None = Field(default=None, ge=0, le=10_000)
+    """Override of the model's ``max_batch_delay_ms`` (whole ms): how long TorchServe waits to
+    fill a batch; unset keeps the model's (rounded up)."""
     response_timeout_s: int = Field(default=30, ge=1)
     """A worker that takes longer than this on one batch is restarted."""
     job_queue_size: int = Field(default=100, ge=1)
@@ -191,15 +204,61 @@ def mar_name(model: str, version: int) -> str:
     return f"{model}-v{version}.mar"
 
 
-def model_entry(settings: TorchServeSettings, version: int) -> dict[str, object]:
+@dataclass(frozen=True)
+class Registration:
+    """How TorchServe batches one version: the model's serving config, overrides applied."""
+
+    batch_size: int
+    max_batch_delay_ms: int
+    workers: int
+    #: The overrides in effect: variable -> {"value": the override, "field": the serving
+    #: config's field it replaces, "model": that field's value in TorchServe's unit}.
+    overrides: dict[str, dict[str, Any]]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def registration(settings: TorchServeSettings, serving: ServingConfig) -> Registration:
+    """TorchServe's batch size, batch delay (whole ms, rounded up) and workers for a version
+    whose manifest says ``serving``, with the ``TORCHSERVE_*`` overrides that are set."""
+    prefix = str(settings.model_config.get("env_prefix", ""))
+    model_values = {  # setting -> (the serving field it stands for, its value)
+        "batch_size": ("max_batch_size", serving.max_batch_size),
+        "max_batch_delay_ms": ("max_batch_delay_ms", math.ceil(serving.max_batch_delay_ms)),
+        "workers": ("instance_count", serving.instance_count),
+    }
+    values: dict[str, int] = {}
+    overrides: dict[str, dict[str, Any]] = {}
+    for name, (field, model_value) in model_values.items():
+        override = getattr(settings, name)
+        values[name] = model_value if override is None else int(override)
+        if override is not None:
+            overrides[prefix + name.upper()] = {
+                "value": int(override),
+                "field": field,
+                "model": model_value,
+            }
+    return Registration(
+        batch_size=values["batch_size"],
+        max_batch_delay_ms=values["max_batch_delay_ms"],
+        workers=values["workers"],
+        overrides=overrides,
+    )
+
+
+def model_entry(
+    settings: TorchServeSettings, version: int, serving: ServingConfig | None = None
+) -> dict[str, object]:
     """The per-version settings TorchServe reads from ``models=`` (and ``reload`` passes)."""
+    reg = registration(settings, serving or ServingConfig())
     return {
         "defaultVersion": True,
         "marName": mar_name(settings.model, version),
-        "minWorkers": settings.workers,
-        "maxWorkers": settings.workers,
-        "batchSize": settings.batch_size,
-        "maxBatchDelay": settings.max_batch_delay_ms,
+        "minWorkers": reg.workers,
+        "maxWorkers": reg.workers,
+        "batchSize": reg.batch_size,
+        "maxBatchDelay": reg.max_batch_delay_ms,
         "responseTimeout": settings.response_timeout_s,
     }
 
@@ -208,17 +267,21 @@ def render_config(
     settings: TorchServeSettings,
     version: int,
     *,
+    serving: ServingConfig | None = None,
     model_store: str | None = None,
     metrics_config: str | None = None,
     profile: Profile = "local",
 ) -> str:
-    """``config.properties`` text for serving ``version`` of ``settings.model``."""
+    """``config.properties`` text for serving ``version`` of ``settings.model``, whose manifest
+    says ``serving`` (None: the serving defaults, as in the checked-in profiles)."""
     store = model_store or str(settings.model_store)
     metrics = metrics_config or str(settings.metrics_file)
-    models = {settings.model: {str(version): model_entry(settings, version)}}
+    entry = model_entry(settings, version, serving)
+    models = {settings.model: {str(version): entry}}
     lines = [
         f"# TorchServe {profile} configuration, rendered by services/torchserve/config.py",
-        "# from TorchServeSettings (env prefix TORCHSERVE_). Edit the settings, not this file.",
+        "# from TorchServeSettings (env prefix TORCHSERVE_) and the version's serving config",
+        "# (batchSize, maxBatchDelay, workers). Edit those, not this file.",
         f"inference_address=http://{settings.host}:{settings.inference_port}",
         f"management_address=http://{settings.management_host}:{settings.management_port}",
         f"metrics_address=http://{settings.host}:{settings.metrics_port}",
@@ -229,7 +292,7 @@ def render_config(
         f"model_store={store}",
         f"load_models={mar_name(settings.model, version)}",
         "models=" + json.dumps(models, separators=(",", ":")),
-        f"default_workers_per_model={settings.workers}",
+        f"default_workers_per_model={entry['minWorkers']}",
         f"job_queue_size={settings.job_queue_size}",
         f"default_response_timeout={settings.response_timeout_s}",
         f"max_request_size={settings.max_request_bytes}",

@@ -16,6 +16,11 @@ management API (with the management key, not ``/ping``, which is healthy before 
 is) reports the model's workers READY. ``down`` signals that process group, waits, kills what
 is left, and checks ``/proc`` until no process of the instance remains.
 
+Batching (batch size, batch delay, workers) is registered as the ``serving`` block of the
+version's manifest says (:func:`services.torchserve.config.registration`), unless a
+``TORCHSERVE_*`` override is set; ``instance.json`` and ``status`` record what each version got
+and which overrides were in effect.
+
 New versions (``reload``): the newest published version's archive is copied into the model
 store, registered through the management API (synchronously, so its worker is READY before
 anything changes) and made the default version. The version it replaces stays registered
@@ -43,14 +48,16 @@ from typing import Any
 
 import httpx
 
-from services.common.repository import RepositoryError, load_version, newest_version
+from services.common.repository import Manifest, RepositoryError, load_version, newest_version
 from services.torchserve.archive import ArchiveError, archive_path, build_archive
 from services.torchserve.config import (
     METRICS_CONFIG,
     Keys,
+    Registration,
     TorchServeSettings,
     mar_name,
     read_keys,
+    registration,
     render_config,
 )
 
@@ -83,6 +90,8 @@ class Instance:
     version: int
     keys: Keys
     start_to_ready_s: float
+    #: Batch size, batch delay and workers the served version was registered with.
+    registration: Registration
 
     @property
     def inference_headers(self) -> dict[str, str]:
@@ -220,7 +229,7 @@ def _ready_workers(settings: TorchServeSettings, keys: Keys, version: int) -> in
 
 
 def _wait_ready(
-    settings: TorchServeSettings, process: subprocess.Popen[bytes], version: int
+    settings: TorchServeSettings, process: subprocess.Popen[bytes], version: int, workers: int
 ) -> Keys:
     deadline = time.monotonic() + settings.start_timeout_s
     keys: Keys | None = None
@@ -233,7 +242,7 @@ def _wait_ready(
         if keys is None:
             with contextlib.suppress(FileNotFoundError, ValueError):
                 keys = read_keys(settings.key_file)
-        if keys is not None and _ready_workers(settings, keys, version) >= settings.workers:
+        if keys is not None and _ready_workers(settings, keys, version) >= workers:
             return keys
         time.sleep(_POLL_S)
     raise TorchServeError(
@@ -245,8 +254,9 @@ def _wait_ready(
 # --------------------------------------------------------------------------- up / down
 
 
-def _stage_archive(settings: TorchServeSettings, version: int) -> Path:
-    """Put the version's archive into the model store (built if the version lacks one)."""
+def _stage_archive(settings: TorchServeSettings, version: int) -> tuple[Path, Manifest]:
+    """Put the version's archive into the model store (built if the version lacks one);
+    return it and the version's (verified) manifest."""
     try:
         loaded = load_version(settings.repository_path, settings.model, version)  # sha256-checked
         target = settings.model_store / mar_name(settings.model, version)
@@ -263,7 +273,22 @@ def _stage_archive(settings: TorchServeSettings, version: int) -> Path:
             shutil.rmtree(build_dir, ignore_errors=True)
     except (RepositoryError, ArchiveError) as exc:  # nothing (verified) to serve: say so
         raise TorchServeError(str(exc)) from None
-    return target
+    return target, loaded.manifest
+
+
+def _registration(settings: TorchServeSettings, manifest: Manifest) -> Registration:
+    reg = registration(settings, manifest.serving)
+    for variable, override in reg.overrides.items():
+        logger.warning(
+            "%s=%s overrides the model's %s (%s) [%s v%d]",
+            variable,
+            override["value"],
+            override["field"],
+            override["model"],
+            settings.model,
+            manifest.version,
+        )
+    return reg
 
 
 def _resolve_version(settings: TorchServeSettings, pinned: bool = True) -> int:
@@ -310,9 +335,10 @@ def up(settings: TorchServeSettings) -> Instance:
     started = time.monotonic()
     version = _resolve_version(settings)
     _prepare_run_dir(settings)
-    _stage_archive(settings, version)
+    _, manifest = _stage_archive(settings, version)
+    reg = _registration(settings, manifest)
     shutil.copyfile(METRICS_CONFIG, settings.metrics_file)
-    settings.config_file.write_text(render_config(settings, version))
+    settings.config_file.write_text(render_config(settings, version, serving=manifest.serving))
     command = [
         sys.executable,
         "-m",
@@ -343,10 +369,11 @@ def up(settings: TorchServeSettings) -> Instance:
         "management_url": settings.management_url,
         "metrics_url": settings.metrics_url,
         "key_file": str(settings.key_file),
+        "registration": {str(version): reg.as_dict()},
     }
     (settings.run_path / INSTANCE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     try:
-        keys = _wait_ready(settings, process, version)
+        keys = _wait_ready(settings, process, version, reg.workers)
     except BaseException:
         down(settings)
         raise
@@ -360,7 +387,12 @@ def up(settings: TorchServeSettings) -> Instance:
         process.pid,
     )
     return Instance(
-        settings=settings, pid=process.pid, version=version, keys=keys, start_to_ready_s=elapsed
+        settings=settings,
+        pid=process.pid,
+        version=version,
+        keys=keys,
+        start_to_ready_s=elapsed,
+        registration=reg,
     )
 
 
@@ -437,6 +469,10 @@ def status(settings: TorchServeSettings) -> dict[str, Any]:
                 {
                     "version": entry.get("modelVersion"),
                     "workers": [w.get("status") for w in entry.get("workers", [])],
+                    # What TorchServe applies, as its describe-model answer says.
+                    "batch_size": entry.get("batchSize"),
+                    "max_batch_delay_ms": entry.get("maxBatchDelay"),
+                    "min_workers": entry.get("minWorkers"),
                 }
                 for entry in describe(settings, keys)
             ]
@@ -447,7 +483,7 @@ def status(settings: TorchServeSettings) -> dict[str, Any]:
             report["ready"] = (
                 bool(default)
                 and all(w == "READY" for w in default[0]["workers"])
-                and len(default[0]["workers"]) >= settings.workers
+                and len(default[0]["workers"]) >= (default[0]["min_workers"] or 1)
             )
         except (FileNotFoundError, ValueError, httpx.HTTPError, TorchServeError) as exc:
             report["error"] = str(exc)
@@ -472,7 +508,8 @@ def reload(settings: TorchServeSettings) -> int:
     if default == newest:
         return newest
     if newest not in served:
-        archive = _stage_archive(settings, newest)
+        archive, manifest = _stage_archive(settings, newest)
+        reg = _registration(settings, manifest)
         response = _management(
             settings,
             keys,
@@ -481,9 +518,9 @@ def reload(settings: TorchServeSettings) -> int:
             params={
                 "url": archive.name,
                 "model_name": settings.model,
-                "initial_workers": settings.workers,
-                "batch_size": settings.batch_size,
-                "max_batch_delay": settings.max_batch_delay_ms,
+                "initial_workers": reg.workers,
+                "batch_size": reg.batch_size,
+                "max_batch_delay": reg.max_batch_delay_ms,
                 "response_timeout": settings.response_timeout_s,
                 "synchronous": "true",
             },
@@ -491,6 +528,8 @@ def reload(settings: TorchServeSettings) -> int:
         )
         if response.status_code != 200:
             raise TorchServeError(f"registering v{newest} failed: {response.text}")
+        registered = (_read_instance(settings) or {}).get("registration", {})
+        _update_instance(settings, registration={**registered, str(newest): reg.as_dict()})
     response = _management(settings, keys, "PUT", f"/models/{settings.model}/{newest}/set-default")
     if response.status_code != 200:
         raise TorchServeError(f"set-default v{newest} failed: {response.text}")
@@ -506,7 +545,13 @@ def reload(settings: TorchServeSettings) -> int:
             raise TorchServeError(f"unregistering v{old} failed: {response.text}")
         (settings.model_store / mar_name(settings.model, old)).unlink(missing_ok=True)
     logger.info("TorchServe now serves %s v%d (was v%s)", settings.model, newest, default)
-    _update_instance(settings, version=newest)
+    registered = (_read_instance(settings) or {}).get("registration", {})
+    kept = {str(newest), str(default)}
+    _update_instance(
+        settings,
+        version=newest,
+        registration={v: got for v, got in registered.items() if v in kept},
+    )
     return newest
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -12,9 +15,15 @@ from pydantic import ValidationError
 
 from services.common.errors import ServiceError
 from services.common.repository import read_manifest
+from services.common.serving import DEFAULT_MAX_BATCH_SIZE, ServingConfig
 from services.torchserve import handler
 from services.torchserve.archive import ArchiveError, build_archive
-from services.torchserve.config import TorchServeSettings, render_config, render_profile
+from services.torchserve.config import (
+    TorchServeSettings,
+    registration,
+    render_config,
+    render_profile,
+)
 from tests.conftest import PublishedModel
 
 HERE = Path(__file__).resolve().parents[2] / "services" / "torchserve"
@@ -92,8 +101,59 @@ def test_rendered_config_is_locked_down(tmp_path: Path) -> None:
     assert props["allowed_urls"] == f"file://{tmp_path.resolve()}/model_store/[^/]+[.]mar"
     assert "-Xmx512m" in props["vmargs"]
     models = json.loads(props["models"])
-    assert models["classifier"]["3"]["batchSize"] == 8
+    assert models["classifier"]["3"]["batchSize"] == DEFAULT_MAX_BATCH_SIZE  # serving default
     assert models["classifier"]["3"]["marName"] == props["load_models"] == "classifier-v3.mar"
+
+
+def test_registration_comes_from_the_serving_config(tmp_path: Path) -> None:
+    serving = ServingConfig(max_batch_size=16, max_batch_delay_ms=2.2, instance_count=2)
+    settings = TorchServeSettings.model_construct(run_dir=tmp_path)
+    props = dict(
+        line.split("=", 1)
+        for line in render_config(settings, 4, serving=serving).splitlines()
+        if line and not line.startswith("#")
+    )
+    entry = json.loads(props["models"])["classifier"]["4"]
+    assert (entry["batchSize"], entry["maxBatchDelay"]) == (16, 3)  # the delay rounded up
+    assert (entry["minWorkers"], entry["maxWorkers"]) == (2, 2)
+    assert props["default_workers_per_model"] == "2"
+    reg = registration(settings, serving)
+    assert (reg.batch_size, reg.max_batch_delay_ms, reg.workers, reg.overrides) == (16, 3, 2, {})
+
+
+def test_overrides_replace_the_model_values_and_say_so(tmp_path: Path) -> None:
+    serving = ServingConfig(max_batch_size=16, max_batch_delay_ms=3, instance_count=2)
+    settings = TorchServeSettings.model_construct(run_dir=tmp_path, batch_size=4, workers=1)
+    reg = registration(settings, serving)
+    assert (reg.batch_size, reg.max_batch_delay_ms, reg.workers) == (4, 3, 1)
+    assert reg.overrides == {
+        "TORCHSERVE_BATCH_SIZE": {"value": 4, "field": "max_batch_size", "model": 16},
+        "TORCHSERVE_WORKERS": {"value": 1, "field": "instance_count", "model": 2},
+    }
+
+
+def test_settings_flag_names_the_overrides_in_effect(published_model: PublishedModel) -> None:
+    def settings_output(**variables: str) -> str:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHSERVE_")}
+        env.update(TORCHSERVE_REPOSITORY=str(published_model.repo), **variables)
+        done = subprocess.run(
+            [sys.executable, "-m", "services.torchserve", "--settings"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    plain = settings_output()
+    assert "| `TORCHSERVE_BATCH_SIZE` | (none) |" in plain
+    assert "no override in effect" in plain
+    served = published_model.manifest.serving.max_batch_size
+    assert (
+        f"TORCHSERVE_BATCH_SIZE=4 overrides the model's max_batch_size ({served}) "
+        f"[classifier v{published_model.version}]"
+    ) in settings_output(TORCHSERVE_BATCH_SIZE="4")
 
 
 def test_settings_refuse_clashing_ports() -> None:

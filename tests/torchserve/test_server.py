@@ -152,7 +152,8 @@ def test_concurrent_requests_are_batched(
     assert sum(size * count for size, count in counted.items()) == 96, counted
     assert max(size for size, count in counted.items() if count > 0) > 1, counted
     assert (
-        max(size for size, count in counted.items() if count > 0) <= torchserve.settings.batch_size
+        max(size for size, count in counted.items() if count > 0)
+        <= torchserve.registration.batch_size
     )
 
     # The handler's own log line (model_log.log) is a second witness.
@@ -236,7 +237,7 @@ def test_bad_input_gets_4xx_json_without_hurting_the_worker(
     torchserve: Instance, client: httpx.Client, published_model: PublishedModel
 ) -> None:
     workers_before = worker_state(torchserve)
-    assert [status for _, status in workers_before] == ["READY"] * torchserve.settings.workers
+    assert [status for _, status in workers_before] == ["READY"] * torchserve.registration.workers
     cases = _bad_cases(published_model)
 
     for name, body, headers, status, code in cases:
