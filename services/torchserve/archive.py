@@ -17,6 +17,10 @@ file goes to the root by its base name), so the shared code is staged as
 The archiver stages files in ``$TMPDIR/<model-name>`` (shared by every archiver run with the
 same model name), so it runs as a subprocess with a private ``TMPDIR``; the result is written
 under a temporary name in ``out_dir`` and renamed, so readers never see half an archive.
+
+:class:`TorchServeArchive` is the publish-side packager
+(:class:`services.common.publishing.Packager`): publish builds the archive into the staged
+version folder and records it in the manifest as the ``torchserve_archive`` artifact.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from services.common.repository import MANIFEST_NAME, Manifest, version_dir
+from services.common.publishing import PackagerBase, artifact
+from services.common.repository import MANIFEST_NAME, Artifact, Manifest, version_dir
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +43,8 @@ HANDLER_PATH = Path(__file__).with_name("handler.py")
 COMMON_DIR = Path(__file__).resolve().parent.parent / "common"
 SERVICES_INIT = COMMON_DIR.parent / "__init__.py"
 ARCHIVE_TIMEOUT_S = 300
+#: The manifest's name for a version's archive.
+ARCHIVE_ARTIFACT = "torchserve_archive"
 
 
 class ArchiveError(RuntimeError):
@@ -149,3 +156,13 @@ def build_archive(repo: Path, manifest: Manifest, out_dir: Path) -> Path:
         partial.replace(target)
     logger.info("built %s (%s v%s)", target, manifest.model, manifest.version)
     return target
+
+
+class TorchServeArchive(PackagerBase):
+    """Publish's packager: ``<model>.mar`` in the version folder, recorded in the manifest."""
+
+    name = "torchserve"
+
+    def package(self, staging: Path, manifest: Manifest, version_dir: Path) -> dict[str, Artifact]:
+        mar = build_archive(staging, manifest, version_dir)
+        return {ARCHIVE_ARTIFACT: artifact(staging, mar)}

@@ -19,22 +19,30 @@ configs with the native models' names, inputs and outputs, run by one generic ``
 optional ``TRITON_*`` overrides (:meth:`~services.triton.settings.TritonSettings.serving_for`)
 and its ``preprocess`` settings apply. Text generation is pure (the ``*_config`` functions);
 :func:`write_triton_models` and :func:`write_local_repository` put it on disk atomically
-(temporary file or folder, then rename).
+(:mod:`services.common.publishing`: temporary file or folder, then rename).
+
+:class:`TritonConfigs` is the publish-side packager
+(:class:`services.common.publishing.Packager`): it writes these configs into the repository
+before each commit and removes a pruned version's ``preprocess`` and ensemble folders.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from services.common import imaging
+from services.common.publishing import (
+    FileSource,
+    PackagerBase,
+    remove_dir,
+    write_text_atomic,
+    write_version_dir,
+)
 from services.common.repository import (
     MANIFEST_NAME,
     TORCHSCRIPT_SUFFIX,
@@ -306,68 +314,6 @@ def ensemble_config(manifest: Manifest, serving: ServingConfig | None = None) ->
 # --- writing --------------------------------------------------------------------------------
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write beside, then rename: a reader (or a polling Triton) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        Path(tmp).chmod(0o644)  # mkstemp makes 0600; the server may run as another user
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-FileSource = Path | str  # a file to copy, or the text to write
-
-
-def _same_content(folder: Path, files: dict[str, FileSource]) -> bool:
-    present = {p.name for p in folder.iterdir() if p.name != "__pycache__"}
-    if present != set(files):
-        return False
-    for name, source in files.items():
-        wanted = source.read_bytes() if isinstance(source, Path) else source.encode()
-        if (folder / name).read_bytes() != wanted:
-            return False
-    return True
-
-
-def write_version_dir(model_dir: Path, version: int, files: dict[str, FileSource]) -> Path:
-    """Make ``model_dir/<version>`` hold exactly ``files``, built beside and renamed in.
-
-    A folder that already holds the same content is left alone (publishing again is a no-op).
-    One that differs (say a publish that crashed before its commit left a preprocess folder
-    for a version number that is now reused) is swapped for the new content.
-    """
-    target = model_dir / str(version)
-    if target.is_dir() and _same_content(target, files):
-        return target
-    model_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=model_dir))
-    try:
-        for name, source in files.items():
-            if isinstance(source, Path):
-                shutil.copyfile(source, staging / name)
-            else:
-                (staging / name).write_text(source, encoding="utf-8")
-        staging.chmod(0o755)
-        if target.exists():
-            retired = model_dir / f".{version}.{uuid.uuid4().hex[:8]}.replaced"
-            target.rename(retired)
-            staging.rename(target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
-
-
 def _labels_text(manifest: Manifest) -> str:
     return "".join(f"{label}\n" for label in manifest.labels)
 
@@ -398,7 +344,7 @@ def write_pipeline(
 def write_triton_models(repo: Path, manifest: Manifest) -> None:
     """Write every Triton config of a version being published into the model repository.
 
-    Publish calls this once per version: the native configs and labels
+    Publish calls this once per version (:class:`TritonConfigs`): the native configs and labels
     of ``<model>`` and ``<model>_torchscript``, then ``preprocess`` and ``<model>_ensemble``
     with a version folder numbered like the classifier's. It needs only the manifest (batching
     from its ``serving`` block), not the version's files, so it may run before the version's
@@ -418,15 +364,24 @@ def write_triton_models(repo: Path, manifest: Manifest) -> None:
 def remove_versions(repo: Path, model: str, versions: Iterable[int]) -> None:
     """Delete the ``preprocess`` and ``<model>_ensemble`` folders of pruned versions.
 
-    Publish's pruning calls this beside removing the classifier's own version folders.
+    Publish's pruning calls this (:class:`TritonConfigs`) beside removing the classifier's own
+    version folders; each is renamed out of Triton's view at once, then removed.
     """
     for version in versions:
         for model_dir in (repo / PREPROCESS_MODEL, repo / (model + ENSEMBLE_SUFFIX)):
-            folder = model_dir / str(version)
-            if folder.exists():
-                doomed = model_dir / f".{version}.{uuid.uuid4().hex[:8]}.deleted"
-                folder.rename(doomed)  # gone from Triton's view at once, then removed
-                shutil.rmtree(doomed, ignore_errors=True)
+            remove_dir(model_dir / str(version))
+
+
+class TritonConfigs(PackagerBase):
+    """The publish-side packager: Triton's files lie outside the classifier's version folder."""
+
+    name = "triton"
+
+    def write_shared(self, repo: Path, manifest: Manifest) -> None:
+        write_triton_models(repo, manifest)
+
+    def prune(self, repo: Path, model: str, versions: Sequence[int]) -> None:
+        remove_versions(repo, model, versions)
 
 
 def write_local_repository(

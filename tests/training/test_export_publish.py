@@ -11,6 +11,7 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from services.common import publishing
 from services.common.repository import (
     IntegrityError,
     list_versions,
@@ -23,7 +24,6 @@ from services.common.serving import (
     DEFAULT_MAX_IMAGES_PER_REQUEST,
     ServingConfig,
 )
-from training import publish as publish_module
 from training.data import load_dataset
 from training.errors import ParityError
 from training.export import check_parity, export_and_check
@@ -129,7 +129,7 @@ def test_crash_mid_publish_leaves_previous_version_serving(
 ) -> None:
     repo = tmp_path / "repo"
     publish_checkpoint(trained_checkpoint, repo)
-    real_move = publish_module.move_into_place
+    real_move = publishing.move_into_place
     moved: list[Path] = []
 
     def crash_on_commit(staged: Path, final: Path) -> None:
@@ -138,7 +138,7 @@ def test_crash_mid_publish_leaves_previous_version_serving(
         real_move(staged, final)
         moved.append(final)
 
-    monkeypatch.setattr(publish_module, "move_into_place", crash_on_commit)
+    monkeypatch.setattr(publishing, "move_into_place", crash_on_commit)
     with pytest.raises(OSError, match="simulated crash"):
         publish_checkpoint(trained_checkpoint, repo)
     monkeypatch.undo()

@@ -354,8 +354,9 @@ def test_pruned_versions_lose_their_pipeline_folders(
 ) -> None:
     manifest = published_model.manifest
     newer = manifest.model_copy(update={"version": manifest.version + 1})
-    mc.write_triton_models(repo_copy, newer)
-    mc.remove_versions(repo_copy, manifest.model, [manifest.version])
+    packager = mc.TritonConfigs()  # what publish runs (services.common.publishing.Packager)
+    packager.write_shared(repo_copy, newer)
+    packager.prune(repo_copy, manifest.model, [manifest.version])
     for name in ("preprocess", f"{manifest.model}_ensemble"):
         remaining = sorted(p.name for p in (repo_copy / name).iterdir() if p.is_dir())
         assert remaining == [str(manifest.version + 1)]
