@@ -148,3 +148,22 @@ def test_publish_writes_the_serving_flags_and_ignores_triton_variables(
     assert list(config.dynamic_batching.preferred_batch_size) == [4, 8]
     assert config.dynamic_batching.max_queue_delay_microseconds == 2500
     assert [group.count for group in config.instance_group] == [2]
+
+
+def test_readme_serving_config_table_matches_the_code() -> None:
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("### Serving config", 1)[1].split("\n#", 1)[0]
+    rows = {
+        cells[0].strip("` "): cells
+        for line in section.splitlines()
+        if line.startswith("| `")
+        for cells in [[cell.strip() for cell in line.strip("|").split("|")]]
+    }
+    assert set(rows) == set(ServingConfig.model_fields)
+    help_text = run_cli("publish", "--help").stdout
+    for name, field in ServingConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = field.get_default(call_default_factory=True)
+        shown = list(default) if isinstance(default, tuple) else default
+        assert rows[name][1] == f"`{flag}`" and flag in help_text, name
+        assert rows[name][2].startswith(f"`{shown}`"), (name, rows[name][2])
