@@ -10,7 +10,9 @@
         "Healthy" before any worker has loaded the model.
 
 Standard library only, and Python 3.10 syntax at most: the same file runs in the app image and
-in the NGC Triton image. The reason for a failure goes to stdout, which Docker keeps in
+in the NGC Triton image. The TorchServe check (app image only) counts READY workers with
+``services.torchserve.workers``, standard library only too, as TorchServe's other callers do.
+The reason for a failure goes to stdout, which Docker keeps in
 ``docker inspect --format '{{json .State.Health}}' <container>``.
 """
 
@@ -22,7 +24,6 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 
 def fetch(url: str, timeout: float, headers: dict[str, str]) -> tuple[int, bytes]:
@@ -36,15 +37,14 @@ def fetch(url: str, timeout: float, headers: dict[str, str]) -> tuple[int, bytes
 
 def torchserve_ready(body: bytes) -> str | None:
     """None when a worker of the described (default) version is READY, else why not."""
+    # Imported here: only the app image, which has the services package, checks TorchServe.
+    from services.torchserve.workers import ready_workers
+
     try:
-        entries: Any = json.loads(body)
+        ready = ready_workers(json.loads(body))
     except ValueError:
-        return "management API answered something that is not JSON"
-    for entry in entries if isinstance(entries, list) else []:
-        workers = entry.get("workers", []) if isinstance(entry, dict) else []
-        if any(isinstance(w, dict) and w.get("status") == "READY" for w in workers):
-            return None
-    return "no READY worker yet"
+        return "management API answered something that is not a model description"
+    return None if any(ready.values()) else "no READY worker yet"
 
 
 def check(args: argparse.Namespace) -> str | None:

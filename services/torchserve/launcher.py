@@ -60,6 +60,7 @@ from services.torchserve.config import (
     registration,
     render_config,
 )
+from services.torchserve.workers import ready_workers
 
 logger = logging.getLogger(__name__)
 
@@ -217,15 +218,9 @@ def describe(settings: TorchServeSettings, keys: Keys, version: int | None = Non
 def _ready_workers(settings: TorchServeSettings, keys: Keys, version: int) -> int:
     try:
         entries = describe(settings, keys, version)
+        return ready_workers(entries).get(str(version), 0)
     except (httpx.HTTPError, TorchServeError, ValueError):
         return 0
-    return sum(
-        1
-        for entry in entries
-        if str(entry.get("modelVersion")) == str(version)
-        for worker in entry.get("workers", [])
-        if worker.get("status") == "READY"
-    )
 
 
 def _wait_ready(
