@@ -1,9 +1,9 @@
 """Helpers the server fixtures share: free ports, service processes, and the processes left
-behind. Standard library only, so GPU-host collection needs nothing more."""
+behind. Standard library only (services.common.processes is too), so GPU-host collection
+needs nothing more."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import signal
@@ -14,6 +14,8 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+
+from services.common.processes import stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,22 +115,12 @@ class ServiceProcess:
 
     def kill(self) -> None:
         """SIGKILL the whole process group: no shutdown, no goodbye, like a crash."""
-        with contextlib.suppress(ProcessLookupError):  # group already gone
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=30)
-        self.stop()  # closes the log
+        stop_group(self.process.pid, timeout_s=30, first_signal=signal.SIGKILL, leader=self.process)
+        self._log.close()
 
     def stop(self) -> None:
         """SIGTERM the group, SIGKILL it if it is still there after 15 s; close the log."""
-        if self.alive:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=15)
+        stop_group(self.process.pid, timeout_s=15, kill_timeout_s=15, leader=self.process)
         self._log.close()
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from services.common.processes import ProcessesSurvived, stop_processes
 from services.common.repository import list_versions
 from services.stack.settings import StackSettings
 from services.torchserve.config import KEY_FILE_NAME
@@ -352,23 +353,32 @@ def stack_processes(settings: StackSettings) -> list[psutil.Process]:
     return list(found.values())
 
 
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def down(settings: StackSettings) -> list[int]:
-    """Stop every service; return the pids that had to be killed (empty when all stopped)."""
+    """Stop every service; return the pids that had to be killed (empty when all stopped).
+
+    supervisord's shutdown signals each program's whole process group; what is still there
+    after ``stop_timeout_s`` (or shows up naming the run folder) is SIGKILLed.
+    """
     before = stack_processes(settings)
     if supervisord_pid(settings) is not None:
         supervisorctl(settings, "shutdown")
-    _, alive = psutil.wait_procs(before, timeout=settings.stop_timeout_s)
-    alive += [p for p in stack_processes(settings) if p not in alive]
-    for process in alive:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            continue
-    psutil.wait_procs(alive, timeout=10)
-    left = [p.pid for p in stack_processes(settings)]
-    if left:
-        raise StackError(f"processes survived `down`: {left}")
-    return [p.pid for p in alive]
+
+    def members() -> set[int]:
+        return {p.pid for p in before if _running(p)} | {
+            p.pid for p in stack_processes(settings) if _running(p)
+        }
+
+    try:
+        return stop_processes(members, timeout_s=settings.stop_timeout_s, first_signal=None)
+    except ProcessesSurvived as exc:
+        raise StackError(f"processes survived `down`: {exc.pids}") from None
 
 
 def urls(settings: StackSettings) -> dict[str, str]:

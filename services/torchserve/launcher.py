@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -48,6 +47,7 @@ from typing import Any
 
 import httpx
 
+from services.common.processes import ProcessesSurvived, stop_processes
 from services.common.repository import Manifest, RepositoryError, load_version, newest_version
 from services.torchserve.archive import ArchiveError, archive_path, build_archive
 from services.torchserve.config import (
@@ -169,12 +169,6 @@ def _read_instance(settings: TorchServeSettings) -> dict[str, Any] | None:
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _reap(pid: int) -> None:
-    """Collect the exit status of our own child (no zombie left behind in tests)."""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
 
 
 def _log_tail(settings: TorchServeSettings, lines: int = 40) -> str:
@@ -391,22 +385,6 @@ def up(settings: TorchServeSettings) -> Instance:
     )
 
 
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def _terminate(procs: list[ProcessInfo], sig: signal.Signals) -> None:
-    """Signal whole process groups led by an instance process, other processes one by one
-    (a TorchServe started by hand from a shell shares the shell's group: spare the shell)."""
-    pids = {p.pid for p in procs}
-    for proc in procs:
-        if proc.pgrp in pids:
-            _signal_group(proc.pgrp, sig)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(proc.pid, sig)
-
-
 def down(settings: TorchServeSettings) -> list[int]:
     """Stop the instance: SIGTERM its process group, then SIGKILL after ``stop_timeout_s``.
 
@@ -416,25 +394,20 @@ def down(settings: TorchServeSettings) -> list[int]:
     pgid = int(state["pgid"]) if state and "pgid" in state else None
     procs = instance_processes(settings, pgid)
     pids = sorted(p.pid for p in procs)
-    if procs:
-        _terminate(procs, signal.SIGTERM)
-        deadline = time.monotonic() + settings.stop_timeout_s
-        while time.monotonic() < deadline:
-            if pgid is not None:
-                _reap(pgid)
-            if not instance_processes(settings, pgid):
-                break
-            time.sleep(_POLL_S)
-        else:
-            left = instance_processes(settings, pgid)
-            logger.warning("SIGKILL after %.0f s: %s", settings.stop_timeout_s, left)
-            _terminate(left, signal.SIGKILL)
-            time.sleep(_POLL_S)
-    if pgid is not None:
-        _reap(pgid)
-    left = instance_processes(settings, pgid)
-    if left:
-        raise TorchServeError(f"processes survived shutdown: {left}")
+    try:
+        killed = stop_processes(
+            lambda: [p.pid for p in instance_processes(settings, pgid)],
+            timeout_s=settings.stop_timeout_s,
+            # Whole groups led by an instance process, the others one by one (a TorchServe
+            # started by hand from a shell shares the shell's group: spare the shell).
+            groups={p.pgrp for p in procs if p.pgrp in pids},
+            children=[pgid] if pgid is not None else [],  # our child when `up` ran here
+        )
+    except ProcessesSurvived:
+        left = instance_processes(settings, pgid)
+        raise TorchServeError(f"processes survived shutdown: {left}") from None
+    if killed:
+        logger.warning("SIGKILL after %.0f s: %s", settings.stop_timeout_s, killed)
     settings.key_file.unlink(missing_ok=True)
     (settings.run_path / INSTANCE_FILE).unlink(missing_ok=True)
     if pids:

@@ -36,6 +36,7 @@ from typing import IO
 
 import httpx
 
+from services.common.processes import ProcessesSurvived, group_members, stop_group, stop_processes
 from services.common.repository import RepositoryError, read_manifest
 from services.triton.model_configs import write_local_repository
 from services.triton.settings import TritonSettings
@@ -89,23 +90,6 @@ def _process_cmdline(pid: int) -> str:
         )
     except OSError:
         return ""
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of process group ``pgid``, from /proc."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # Fields after the parenthesised command: state ppid pgrp ...
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry.name))
-    return members
 
 
 class LocalTriton:
@@ -278,27 +262,16 @@ class LocalTriton:
         orphans = [pid for pid in group_members(pgid) if str(self.run_dir) in _process_cmdline(pid)]
         if not orphans:
             return
-        for pid in orphans:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10.0
-        while set(orphans) & set(group_members(pgid)) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        try:
+            stop_processes(
+                lambda: set(orphans) & set(group_members(pgid)),
+                timeout_s=10.0,
+                first_signal=signal.SIGKILL,
+            )
+        except ProcessesSurvived as exc:
+            logger.warning("%s, left by a tritonserver that died (group %d)", exc, pgid)
+            return
         logger.warning("killed %s, left by a tritonserver that died (group %d)", orphans, pgid)
-
-    def _signal_group(self, pgid: int, sig: signal.Signals, grace_s: float) -> bool:
-        """Send ``sig`` to the group; True once none of it is left, False after ``grace_s``."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, sig)
-        deadline = time.monotonic() + grace_s
-        while True:
-            if self.process is not None:
-                self.process.poll()  # reap the leader: a zombie would still count as the group
-            if not group_members(pgid):
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.1)
 
     def stop(self) -> bool:
         """SIGTERM the process group, SIGKILL it after ``stop_timeout_s``; True if one ran.
@@ -310,13 +283,13 @@ class LocalTriton:
             self._kill_orphans()
             self.pid_path.unlink(missing_ok=True)
             return False
-        if not self._signal_group(pid, signal.SIGTERM, self.settings.stop_timeout_s):
-            logger.warning("tritonserver group %d outlived SIGTERM; sending SIGKILL", pid)
-            if not self._signal_group(pid, signal.SIGKILL, 10.0):
-                raise LauncherError(f"group {pid} survived SIGKILL: {group_members(pid)}")
-        if self.process is not None:
-            self.process.wait()
-            self.process = None
+        try:
+            killed = stop_group(pid, timeout_s=self.settings.stop_timeout_s, leader=self.process)
+        except ProcessesSurvived as exc:
+            raise LauncherError(f"group {pid} survived SIGKILL: {exc.pids}") from None
+        if killed:
+            logger.warning("tritonserver group %d outlived SIGTERM; SIGKILLed %s", pid, killed)
+        self.process = None
         self.pid_path.unlink(missing_ok=True)
         return True
 
