@@ -41,7 +41,7 @@ from services.stack.settings import StackSettings
 from services.torchserve.config import KEY_FILE_NAME, TorchServeSettings, read_keys
 from services.triton.protocol import LOGITS_OUTPUT, binary_infer_request, ensemble_name
 from services.triton.settings import TritonSettings
-from training.digits import digit_pixels, held_out_indices, png
+from training.digits import held_out_digits
 
 logger = logging.getLogger(__name__)
 
@@ -176,19 +176,15 @@ class Payload:
 
 def load_payloads(count: int) -> list[Payload]:
     """The first ``count`` held-out digits as 8-bit grayscale PNGs (what users would upload)."""
-    pixels, labels = digit_pixels()
-    images = []
-    for index in held_out_indices(len(pixels))[:count]:
-        encoded = png(pixels[index])
-        images.append(
-            Payload(
-                index=index,
-                label=int(labels[index]),
-                png=encoded,
-                b64=base64.b64encode(encoded).decode("ascii"),
-            )
+    return [
+        Payload(
+            index=digit.index,
+            label=digit.label,
+            png=digit.png,
+            b64=base64.b64encode(digit.png).decode("ascii"),
         )
-    return images
+        for digit in held_out_digits(count)
+    ]
 
 
 # --------------------------------------------------------------------------- answers

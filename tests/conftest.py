@@ -22,7 +22,7 @@ import torch
 from services.common.imaging import decode_and_preprocess
 from services.common.repository import Manifest, read_manifest
 from services.torchserve.config import KEY_FILE_NAME, read_keys
-from training.digits import digit_pixels, held_out_indices, png
+from training.digits import held_out_pngs as held_out_digit_pngs  # tests import it here
 from training.publish import publish_checkpoint
 from training.trainer import TrainConfig, load_checkpoint, model_from_checkpoint, train
 
@@ -74,12 +74,6 @@ def eager_top1(checkpoint: Path, manifest: Manifest, images: list[bytes]) -> lis
     with torch.inference_mode():
         logits = model(torch.from_numpy(batch))
     return [int(i) for i in logits.argmax(dim=1)]
-
-
-def held_out_digit_pngs(count: int) -> list[bytes]:
-    """PNGs of the first ``count`` digits training held out (the load tests send the same)."""
-    pixels, _ = digit_pixels()
-    return [png(pixels[i]) for i in held_out_indices(len(pixels))[:count]]
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,15 @@
 """scikit-learn's bundled digits and the split drawn from them, without torch.
 
-Training holds out a test split of every dataset with :func:`split_indices`; the load tests and
-the tests send the digits of that split (:func:`held_out_indices`) as PNGs, what a user would
-upload. This module imports only numpy and Pillow (scikit-learn when the digits are loaded), so
-every Locust process can use it without paying torch's start-up.
+Training holds out a test split of every dataset with :func:`split_indices`; the load tests,
+the benches and the tests send the digits of that split as PNGs (:func:`held_out_digits`), what
+a user would upload. This module imports only numpy and Pillow (scikit-learn when the digits
+are loaded), so every Locust process can use it without paying torch's start-up.
 """
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -60,3 +61,28 @@ def png(pixels: npt.NDArray[np.uint8]) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class HeldOutDigit:
+    """One digit of the test split, encoded as a user would upload it."""
+
+    index: int
+    """Position in scikit-learn's digits (stable across runs)."""
+    label: int
+    png: bytes = field(repr=False)
+
+
+def held_out_digits(count: int) -> list[HeldOutDigit]:
+    """The first ``count`` digits of the test split as 8-bit grayscale PNGs, with labels: the
+    payload of every load test, bench and engine test."""
+    pixels, labels = digit_pixels()
+    indices = held_out_indices(len(pixels))
+    if not 0 <= count <= len(indices):
+        raise ValueError(f"the test split holds {len(indices)} digits, not {count}")
+    return [HeldOutDigit(i, int(labels[i]), png(pixels[i])) for i in indices[:count]]
+
+
+def held_out_pngs(count: int) -> list[bytes]:
+    """The PNGs of :func:`held_out_digits`."""
+    return [digit.png for digit in held_out_digits(count)]
