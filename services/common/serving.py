@@ -34,8 +34,8 @@ class ServingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, ge=1, le=4096)
-    """Most images in one inference call (Triton's max_batch_size, TorchServe's batch_size,
-    the predictor's batcher); 1 turns dynamic batching off."""
+    """Most images in one inference call (the predictor's batcher, TorchServe's batch_size,
+    Triton's preferred batch when none is given); 1 turns dynamic batching off."""
     max_batch_delay_ms: float = Field(default=DEFAULT_MAX_BATCH_DELAY_MS, ge=0.0, le=1000.0)
     """How long the oldest queued image may wait for a batch to fill (Triton's
     max_queue_delay_microseconds; TorchServe's max_batch_delay, rounded up to whole ms)."""
@@ -43,7 +43,9 @@ class ServingConfig(BaseModel):
     """Batch sizes Triton's dynamic batcher aims for before the delay runs out; empty: the
     largest batch it can form. The predictor and TorchServe form batches of any size."""
     max_images_per_request: int = Field(default=DEFAULT_MAX_IMAGES_PER_REQUEST, ge=1, le=4096)
-    """Most images in one request (an ``images`` list, or the batch axis of a v2 tensor)."""
+    """Most images in one request (an ``images`` list, or the batch axis of a v2 tensor).
+    Triton's config.pbtxt ``max_batch_size`` is the larger of this and ``max_batch_size``: for
+    Triton one number caps both."""
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
     """Largest image (width x height) an engine decodes, checked from the header first."""
     instance_count: int = Field(default=DEFAULT_INSTANCE_COUNT, ge=1, le=64)

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from services.common import imaging
 from services.common.publishing import (
     FileSource,
     PackagerBase,
@@ -50,6 +49,7 @@ from services.common.repository import (
     load_version,
     version_dir,
 )
+from services.common.runtime import portable_files
 from services.common.serving import ServingConfig
 from services.triton.protocol import (
     ENSEMBLE_SUFFIX,
@@ -71,9 +71,6 @@ INPUT_SPEC_FILE = "input_spec.json"
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 PREPROCESS_SOURCE = MODELS_DIR / "preprocess.py"
 TWIN_SOURCE = MODELS_DIR / "twin.py"
-#: The shared decoding module, carried beside the preprocess model so the repository is
-#: self-contained (the official Triton image has no ``services`` package).
-IMAGING_SOURCE = Path(imaging.__file__).resolve()
 
 #: ``preprocess`` in the published configs (the local launcher takes TRITON_PREPROCESS_*):
 #: decoding is the server's CPU work, not the model's, so these are not in the serving block.
@@ -321,7 +318,7 @@ def _labels_text(manifest: Manifest) -> str:
 def preprocess_files(manifest: Manifest) -> dict[str, FileSource]:
     """What ``preprocess/<version>/`` holds: the model, the shared decoder, the input spec."""
     spec = json.dumps(manifest.input_spec.to_dict(), indent=2, sort_keys=True) + "\n"
-    return {"model.py": PREPROCESS_SOURCE, "imaging.py": IMAGING_SOURCE, INPUT_SPEC_FILE: spec}
+    return {"model.py": PREPROCESS_SOURCE, **portable_files(), INPUT_SPEC_FILE: spec}
 
 
 def write_pipeline(
@@ -415,7 +412,8 @@ def write_local_repository(
         model_dir = target / (model if runtime == "onnxruntime" else model + TORCHSCRIPT_SUFFIX)
         write_text_atomic(model_dir / CONFIG_FILE, config)
         write_text_atomic(model_dir / LABELS_FILE, _labels_text(manifest))
-        folder = write_version_dir(model_dir, manifest.version, {"model.py": TWIN_SOURCE})
+        twin_files: dict[str, FileSource] = {"model.py": TWIN_SOURCE, **portable_files()}
+        folder = write_version_dir(model_dir, manifest.version, twin_files)
         artifact = source_repo / manifest.artifacts[artifact_key].path
         (folder / artifact.name).symlink_to(artifact.resolve())
         (folder / MANIFEST_NAME).symlink_to(published_manifest.resolve())

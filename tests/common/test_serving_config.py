@@ -3,13 +3,16 @@
 One version is published with serving values that differ from every default
 (:data:`SERVING`); each real server is started on it, with no override set, and asked what it
 runs with through its own API: Triton's model configuration (``/v2/models/<m>/config``),
-TorchServe's describe-model answer. "Applies" is checked beside "reports": Triton refuses a
-request larger than the batch size and runs one python stub per instance; TorchServe runs
-as many READY workers as instances and hands the handler no batch above the batch size.
+TorchServe's describe-model answer, the predictor's ``/readyz``. "Applies" is checked beside
+"reports": Triton refuses a request larger than the batch size and runs one python stub per
+instance; TorchServe runs as many READY workers as instances and hands the handler no batch
+above the batch size; the predictor refuses a request over its image limit and forms no batch
+above the batch size.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +29,8 @@ from services.common.serving import ServingConfig
 from services.torchserve.launcher import describe, down, status, up
 from services.triton.launcher import LocalTriton
 from tests.conftest import PublishedModel, eager_top1, held_out_digit_pngs
+from tests.metrics import metric_samples, sample_sum
+from tests.predictor.conftest import start_predictor
 from tests.processes import processes_naming
 from tests.torchserve.conftest import torchserve_settings
 from tests.torchserve.test_server import batches_by_size
@@ -71,9 +76,9 @@ def serving_model(
 
 @pytest.fixture
 def no_engine_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A developer's TRITON_* / TORCHSERVE_* must not override what is under test."""
+    """A developer's TRITON_* / TORCHSERVE_* / PREDICTOR_* must not override what is tested."""
     for name in list(os.environ):
-        if name.startswith(("TRITON_", "TORCHSERVE_")):
+        if name.startswith(("TRITON_", "TORCHSERVE_", "PREDICTOR_")):
             monkeypatch.delenv(name)
 
 
@@ -206,5 +211,42 @@ def test_torchserve_reports_and_applies_the_serving_config(
 
 
 # --- predictor ------------------------------------------------------------------------------
-# The predictor's part (its /readyz reporting SERVING, and applying it) goes here, on the same
-# `serving_model` fixture and `no_engine_overrides` (extended to PREDICTOR_*).
+
+
+@pytest.mark.usefixtures("no_engine_overrides")
+def test_predictor_reports_and_applies_the_serving_config(
+    serving_model: PublishedModel, tmp_path: Path
+) -> None:
+    server = start_predictor(serving_model.repo, tmp_path / "predictor.log", poll_interval_s=0)
+    try:
+        ready = httpx.get(f"{server.url}/readyz", timeout=10).json()
+        assert ready["serving"] == SERVING.model_dump(mode="json")
+        assert ready["serving_overrides"] == {}
+        assert "max batch 16, delay 3ms, 2 instance(s)" in server.log()
+
+        # Applied: a request over max_images_per_request is refused, one at it is served ...
+        texts = [base64.b64encode(image).decode() for image in serving_model.images]
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            over = client.post("/predict", json={"images": (texts * 2)[:17]})
+            assert over.status_code == 413, over.text
+            assert over.json()["code"] == "too_many_images"
+            at = client.post("/predict", json={"images": texts[:16]})
+            assert at.status_code == 200, at.text
+            top1 = [row[0]["class_id"] for row in at.json()["predictions"]]
+            assert top1 == serving_model.expected_top1[:16]
+
+            # ... and concurrent single images are merged into batches no larger than it.
+            def one(i: int) -> int:
+                response = client.post("/predict", json={"image": texts[i % len(texts)]})
+                assert response.status_code == 200, response.text
+                return int(response.json()["predictions"][0]["class_id"])
+
+            with ThreadPoolExecutor(max_workers=24) as pool:
+                answers = list(pool.map(one, range(96)))
+            samples = metric_samples(client.get("/metrics").text)
+        assert answers == [serving_model.expected_top1[i % len(texts)] for i in range(96)]
+        batches = sample_sum(samples, "predictor_batch_size_count")
+        at_most_16 = sample_sum(samples, "predictor_batch_size_bucket", le="16.0")
+        assert batches > 0 and at_most_16 == batches
+    finally:
+        server.stop()

@@ -131,7 +131,9 @@ def test_preprocess_and_ensemble_are_wired_to_the_classifier(
     # Same version numbers as the classifier; the decoder carried is the shared one, verbatim.
     assert (repo / f"{model}_ensemble" / str(version)).is_dir()
     version_dir = repo / "preprocess" / str(version)
-    assert (version_dir / "imaging.py").read_bytes() == Path(imaging.__file__).read_bytes()
+    assert (version_dir / "services/common/imaging.py").read_bytes() == Path(
+        imaging.__file__
+    ).read_bytes()
     assert (version_dir / "model.py").read_bytes() == mc.PREPROCESS_SOURCE.read_bytes()
     spec = json.loads((version_dir / "input_spec.json").read_text())
     assert imaging.InputSpec.from_dict(spec) == published_model.manifest.input_spec
@@ -334,7 +336,7 @@ def test_local_repository_twins_link_the_published_files(
     )
     for name in ("classifier", "classifier_torchscript"):
         assert (target / name / version / "model.py").read_bytes() == mc.TWIN_SOURCE.read_bytes()
-    assert (target / "preprocess" / version / "imaging.py").is_file()
+    assert (target / "preprocess" / version / "services/common/imaging.py").is_file()
     assert (target / "classifier_ensemble" / version).is_dir()
 
 
