@@ -1,6 +1,7 @@
 """The one `python -m services.<name>` entry point shared by the HTTP services.
 
-Reads the service's settings (``--settings`` prints their table), then runs its FastAPI app
+Reads the service's settings (``--settings`` prints their table, and what ``describe`` adds,
+such as the overrides of the model's serving config in effect), then runs its FastAPI app
 under uvicorn. A bad setting stops the process with pydantic's message and exit status 2; a
 failed start-up (no servable model, ...) is uvicorn's exit status 3.
 """
@@ -27,20 +28,25 @@ def serve(
     settings_cls: type[SettingsT],
     create_app: Callable[[SettingsT], FastAPI],
     argv: list[str] | None = None,
+    describe: Callable[[SettingsT], str] | None = None,
 ) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m services.{name}", description=description)
     parser.add_argument(
         "--settings", action="store_true", help="print the settings table (markdown) and exit"
     )
     args = parser.parse_args(argv)
-    if args.settings:
-        print(settings_table(settings_cls))  # noqa: T201 - a command-line answer
-        return 0
     try:
         settings = settings_cls()
     except ValidationError as exc:
+        if args.settings:  # the table is still worth printing
+            print(settings_table(settings_cls))  # noqa: T201 - a command-line answer
         print(f"{name}: invalid settings:\n{exc}", file=sys.stderr)  # noqa: T201
         return 2
+    if args.settings:
+        print(settings_table(settings_cls))  # noqa: T201 - a command-line answer
+        if describe is not None:
+            print("\n" + describe(settings))  # noqa: T201
+        return 0
     configure_logging(settings.log_level)
     uvicorn.run(
         create_app(settings),

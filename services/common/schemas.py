@@ -1,4 +1,5 @@
-"""The public API contract (docs/architecture.md "Gateway API"), shared by the predictor and the gateway."""
+"""The public API contract, shared by the predictor and the gateway (docs/architecture.md
+"Gateway API")."""
 
 from __future__ import annotations
 

@@ -14,10 +14,13 @@ the engine then says so in its ``--settings`` output and its readiness answer.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings
 
 from services.common.imaging import DEFAULT_MAX_PIXELS
 
@@ -84,3 +87,60 @@ def with_overrides(serving: ServingConfig, overrides: Mapping[str, Any]) -> Serv
             f"the overrides {dict(overrides)} do not fit the serving config "
             f"{serving.model_dump()}: {exc.errors()[0]['msg']}"
         ) from None
+
+
+# --- a server's overrides, reported ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Override:
+    """One server setting in effect over a field of the model's serving config."""
+
+    variable: str
+    """The environment variable, e.g. ``TRITON_MAX_BATCH_SIZE``."""
+    value: Any
+    """Its value, in the setting's own unit."""
+    field: str
+    """The serving config field it replaces."""
+    model_value: Any
+    """The model's value of that field, in the setting's unit."""
+
+    def describe(self) -> str:
+        return (
+            f"{self.variable}={self.value} overrides the model's {self.field} ({self.model_value})"
+        )
+
+
+def find_overrides(
+    settings: BaseSettings, model_values: Mapping[str, tuple[str, Any]]
+) -> list[Override]:
+    """The overrides a server's settings set (not None). ``model_values`` maps each overriding
+    setting to the serving field it stands for and the model's value in the setting's unit."""
+    prefix = str(settings.model_config.get("env_prefix", ""))
+    return [
+        Override(prefix + name.upper(), getattr(settings, name), field, model_value)
+        for name, (field, model_value) in model_values.items()
+        if getattr(settings, name) is not None
+    ]
+
+
+def published_serving(
+    repo: Path, model: str, version: int | None = None
+) -> tuple[ServingConfig, str]:
+    """The serving config of ``version`` (None: the newest) and what it came from, or the
+    defaults when nothing is published yet: what a server's overrides are compared with."""
+    from services.common.repository import RepositoryError, newest_version, read_manifest
+
+    try:
+        number = version or newest_version(repo, model)
+        return read_manifest(repo, model, number).serving, f"{model} v{number}"
+    except RepositoryError:
+        return ServingConfig(), "the serving defaults: no version published yet"
+
+
+def overrides_report(overrides: Sequence[Override], source: str) -> str:
+    """What ``--settings`` prints under the table: every override in effect, or that none is."""
+    if not overrides:
+        return "no override in effect: the model's serving config applies"
+    lines = [f"  {override.describe()} [{source}]" for override in overrides]
+    return "\n".join(["overrides in effect:", *lines])

@@ -15,7 +15,14 @@ from services.predictor.settings import PredictorSettings
 
 
 def main(argv: list[str] | None = None) -> int:
-    return serve("predictor", __doc__.split("\n\n")[0], PredictorSettings, create_app, argv)
+    return serve(
+        "predictor",
+        __doc__.split("\n\n")[0],
+        PredictorSettings,
+        create_app,
+        argv,
+        describe=PredictorSettings.overrides_report,
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The predictor's Prometheus metrics (docs/architecture.md "Metrics"), all in one per-app registry."""
+"""The predictor's Prometheus metrics, all in one per-app registry (docs/architecture.md
+"Metrics")."""
 
 from __future__ import annotations
 

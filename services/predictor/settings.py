@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.common.serving import find_overrides, overrides_report, published_serving
 from services.common.settings import ServiceSettings
 
 EngineName = Literal["torchscript", "onnx"]
@@ -123,6 +124,14 @@ class PredictorSettings(ServiceSettings):
             for name, serving_field in SERVING_OVERRIDES.items()
             if getattr(self, name) is not None
         }
+
+    def overrides_report(self) -> str:
+        """The overrides in effect against the version this server would start on."""
+        model, source = published_serving(self.repository, self.model, self.version)
+        model_values = {
+            name: (field, getattr(model, field)) for name, field in SERVING_OVERRIDES.items()
+        }
+        return overrides_report(find_overrides(self, model_values), source)
 
     def cpu_threads(self) -> int:
         """``intra_op_threads`` with 0 resolved to the CPUs this process may run on."""

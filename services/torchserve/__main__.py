@@ -28,8 +28,7 @@ from types import FrameType
 import httpx
 from pydantic import ValidationError
 
-from services.common.repository import RepositoryError, newest_version, read_manifest
-from services.common.serving import ServingConfig
+from services.common.serving import Override, overrides_report, published_serving
 from services.common.settings import settings_table
 from services.torchserve.config import TorchServeSettings, registration, render_profile
 from services.torchserve.launcher import (
@@ -67,22 +66,12 @@ def _foreground(settings: TorchServeSettings) -> int:
 
 def _print_settings(settings: TorchServeSettings) -> None:
     print(settings_table(TorchServeSettings))
-    repo = settings.repository_path
-    try:
-        version = settings.version or newest_version(repo, settings.model)
-        serving, source = read_manifest(repo, settings.model, version).serving, f"v{version}"
-    except RepositoryError:
-        serving, source = ServingConfig(), "the serving defaults: no version published yet"
-    overrides = registration(settings, serving).overrides
-    if not overrides:
-        print("\nno override in effect: the model's serving config applies")
-        return
-    print("\noverrides in effect:")
-    for variable, override in overrides.items():
-        print(
-            f"  {variable}={override['value']} overrides the model's {override['field']} "
-            f"({override['model']}) [{settings.model} {source}]"
-        )
+    serving, source = published_serving(settings.repository_path, settings.model, settings.version)
+    found = [
+        Override(variable, entry["value"], entry["field"], entry["model"])
+        for variable, entry in registration(settings, serving).overrides.items()
+    ]
+    print("\n" + overrides_report(found, source))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,7 +43,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.http import DEFAULT_MAX_BODY_BYTES
-from services.common.serving import ServingConfig
+from services.common.serving import ServingConfig, find_overrides
 
 #: Where TorchServe writes its token-authorization keys, in its working directory.
 KEY_FILE_NAME = "key_file.json"
@@ -222,28 +222,23 @@ class Registration:
 def registration(settings: TorchServeSettings, serving: ServingConfig) -> Registration:
     """TorchServe's batch size, batch delay (whole ms, rounded up) and workers for a version
     whose manifest says ``serving``, with the ``TORCHSERVE_*`` overrides that are set."""
-    prefix = str(settings.model_config.get("env_prefix", ""))
     model_values = {  # setting -> (the serving field it stands for, its value)
         "batch_size": ("max_batch_size", serving.max_batch_size),
         "max_batch_delay_ms": ("max_batch_delay_ms", math.ceil(serving.max_batch_delay_ms)),
         "workers": ("instance_count", serving.instance_count),
     }
-    values: dict[str, int] = {}
-    overrides: dict[str, dict[str, Any]] = {}
-    for name, (field, model_value) in model_values.items():
-        override = getattr(settings, name)
-        values[name] = model_value if override is None else int(override)
-        if override is not None:
-            overrides[prefix + name.upper()] = {
-                "value": int(override),
-                "field": field,
-                "model": model_value,
-            }
+    values = {
+        name: int(getattr(settings, name) or value) for name, (_, value) in model_values.items()
+    }
+    found = find_overrides(settings, model_values)
     return Registration(
         batch_size=values["batch_size"],
         max_batch_delay_ms=values["max_batch_delay_ms"],
         workers=values["workers"],
-        overrides=overrides,
+        overrides={
+            o.variable: {"value": int(o.value), "field": o.field, "model": o.model_value}
+            for o in found
+        },
     )
 
 

@@ -20,8 +20,7 @@ import time
 import httpx
 from pydantic import ValidationError
 
-from services.common.repository import RepositoryError, newest_version, read_manifest
-from services.common.serving import ServingConfig
+from services.common.serving import overrides_report, published_serving
 from services.common.settings import settings_table
 from services.triton.launcher import LauncherError, LocalTriton
 from services.triton.settings import TritonSettings
@@ -33,17 +32,6 @@ def _ready(settings: TritonSettings) -> bool:
         return httpx.get(url, timeout=2.0).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def _overrides(settings: TritonSettings) -> list[str]:
-    """One line per override in effect, against the newest published version's serving."""
-    repo = settings.repository.resolve()
-    try:
-        manifest = read_manifest(repo, settings.model, newest_version(repo, settings.model))
-        model, source = manifest.serving, f"{settings.model} v{manifest.version}"
-    except RepositoryError:
-        model, source = ServingConfig(), "the serving defaults: no version published yet"
-    return [f"{override.describe()} [{source}]" for override in settings.overrides(model)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,14 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.settings:
         print(settings_table(TritonSettings))
-        lines = _overrides(settings)
-        print(
-            "\noverrides in effect:"
-            if lines
-            else "\nno override in effect: the model's serving config applies"
-        )
-        for line in lines:
-            print(f"  {line}")
+        model, source = published_serving(settings.repository.resolve(), settings.model)
+        print("\n" + overrides_report(settings.overrides(model), source))
         return 0
     triton = LocalTriton(settings)
     try:

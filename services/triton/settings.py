@@ -15,29 +15,19 @@ JSON (``TRITON_PREFERRED_BATCH_SIZES='[4, 8]'``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.common.serving import ServingConfig, ServingConfigError, with_overrides
-
-
-@dataclass(frozen=True)
-class Override:
-    """One ``TRITON_*`` setting in effect over the model's serving config."""
-
-    variable: str
-    value: Any
-    field: str
-    model_value: Any
-
-    def describe(self) -> str:
-        return (
-            f"{self.variable}={self.value} overrides the model's {self.field} ({self.model_value})"
-        )
+from services.common.serving import (
+    Override,
+    ServingConfig,
+    ServingConfigError,
+    find_overrides,
+    with_overrides,
+)
 
 
 class TritonSettings(BaseSettings):
@@ -122,19 +112,19 @@ class TritonSettings(BaseSettings):
 
     def overrides(self, model: ServingConfig) -> list[Override]:
         """The overrides set (not None), each with the model's value it replaces."""
-        prefix = str(self.model_config.get("env_prefix", ""))
-        replaced: dict[str, tuple[str, Any]] = {  # setting -> (model's field, its value)
-            "max_batch_size": ("max_batch_size", model.max_batch_size),
-            "preferred_batch_sizes": ("preferred_batch_sizes", list(model.preferred_batch_sizes)),
-            "max_queue_delay_microseconds": ("max_batch_delay_us", model.max_batch_delay_us),
-            "instance_count": ("instance_count", model.instance_count),
-            "max_image_pixels": ("max_pixels", model.max_pixels),
-        }
-        return [
-            Override(prefix + name.upper(), getattr(self, name), field, model_value)
-            for name, (field, model_value) in replaced.items()
-            if getattr(self, name) is not None
-        ]
+        return find_overrides(
+            self,
+            {  # setting -> (the model's field, its value in the setting's unit)
+                "max_batch_size": ("max_batch_size", model.max_batch_size),
+                "preferred_batch_sizes": (
+                    "preferred_batch_sizes",
+                    list(model.preferred_batch_sizes),
+                ),
+                "max_queue_delay_microseconds": ("max_batch_delay_us", model.max_batch_delay_us),
+                "instance_count": ("instance_count", model.instance_count),
+                "max_image_pixels": ("max_pixels", model.max_pixels),
+            },
+        )
 
     def serving_for(self, model: ServingConfig) -> ServingConfig:
         """The model's serving config with these overrides applied (a

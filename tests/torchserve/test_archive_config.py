@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -130,30 +127,6 @@ def test_overrides_replace_the_model_values_and_say_so(tmp_path: Path) -> None:
         "TORCHSERVE_BATCH_SIZE": {"value": 4, "field": "max_batch_size", "model": 16},
         "TORCHSERVE_WORKERS": {"value": 1, "field": "instance_count", "model": 2},
     }
-
-
-def test_settings_flag_names_the_overrides_in_effect(published_model: PublishedModel) -> None:
-    def settings_output(**variables: str) -> str:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHSERVE_")}
-        env.update(TORCHSERVE_REPOSITORY=str(published_model.repo), **variables)
-        done = subprocess.run(
-            [sys.executable, "-m", "services.torchserve", "--settings"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, done.stderr
-        return done.stdout
-
-    plain = settings_output()
-    assert "| `TORCHSERVE_BATCH_SIZE` | (none) |" in plain
-    assert "no override in effect" in plain
-    served = published_model.manifest.serving.max_batch_size
-    assert (
-        f"TORCHSERVE_BATCH_SIZE=4 overrides the model's max_batch_size ({served}) "
-        f"[classifier v{published_model.version}]"
-    ) in settings_output(TORCHSERVE_BATCH_SIZE="4")
 
 
 def test_settings_refuse_clashing_ports() -> None:

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import onnx
@@ -290,31 +287,6 @@ def test_the_local_repository_applies_the_overrides_and_publish_does_not(
         mc.write_local_repository(
             target, repo_copy, published_model.model, TritonSettings(preferred_batch_sizes=[512])
         )
-
-
-def test_settings_flag_names_the_overrides_in_effect(published_model: PublishedModel) -> None:
-    def settings_output(**variables: str) -> str:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TRITON_")}
-        env.update(TRITON_REPOSITORY=str(published_model.repo), **variables)
-        done = subprocess.run(
-            [sys.executable, "-m", "services.triton", "--settings"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, done.stderr
-        return done.stdout
-
-    plain = settings_output()
-    assert "| `TRITON_MAX_BATCH_SIZE` | (none) |" in plain
-    assert "no override in effect" in plain
-    overridden = settings_output(TRITON_MAX_BATCH_SIZE="8")
-    served = published_model.manifest.serving.max_batch_size
-    assert (
-        f"TRITON_MAX_BATCH_SIZE=8 overrides the model's max_batch_size ({served}) "
-        f"[classifier v{published_model.version}]"
-    ) in overridden
 
 
 def test_local_repository_twins_link_the_published_files(
