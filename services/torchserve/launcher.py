@@ -60,7 +60,7 @@ from services.torchserve.config import (
     registration,
     render_config,
 )
-from services.torchserve.workers import ready_workers
+from services.torchserve.workers import READY, ready_workers
 
 logger = logging.getLogger(__name__)
 
@@ -450,7 +450,7 @@ def status(settings: TorchServeSettings) -> dict[str, Any]:
             ]
             report["ready"] = (
                 bool(default)
-                and all(w == "READY" for w in default[0]["workers"])
+                and all(w == READY for w in default[0]["workers"])
                 and len(default[0]["workers"]) >= (default[0]["min_workers"] or 1)
             )
         except (FileNotFoundError, ValueError, httpx.HTTPError, TorchServeError) as exc:
