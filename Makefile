@@ -79,7 +79,7 @@ triton-status: ## is the local tritonserver running and ready?
 
 triton-bench: install ## Triton start-to-ready, sequential p50/p99, throughput with 8 clients
 	mkdir -p reports
-	TRITON_REPOSITORY=$(REPO) $(TRITON_BENCH_ENV) $(PY) -m services.triton.bench --json reports/triton-bench.json
+	TRITON_REPOSITORY=$(REPO) $(TRITON_BENCH_ENV) $(PY) -m loadtests.triton_bench --json reports/triton-bench.json
 
 # --- TorchServe ------------------------------------------------------------------------------
 torchserve-up: install ## start TorchServe on the newest published version (waits until its worker is READY)
@@ -95,14 +95,14 @@ torchserve-reload: install ## serve the newest published version without a resta
 	TORCHSERVE_REPOSITORY=$(REPO) $(PY) -m services.torchserve reload
 
 torchserve-bench: install ## TorchServe start-to-ready time and p50/p99 of 200 sequential requests
-	TORCHSERVE_REPOSITORY=$(REPO) $(PY) -m services.torchserve.bench
+	TORCHSERVE_REPOSITORY=$(REPO) $(PY) -m loadtests.torchserve_bench
 
 # --- Gateway ---------------------------------------------------------------------------------
 gateway: install ## run the gateway on :8000 in front of the engines (settings: GATEWAY_*)
 	$(PY) -m services.gateway
 
 bench-gateway: install ## what the gateway costs: added p50 at concurrency 1, throughput ratio at 16
-	$(PY) -m services.gateway.bench --repo $(REPO)
+	$(PY) -m loadtests.gateway_bench --repo $(REPO)
 
 # --- Predictor -------------------------------------------------------------------------------
 predictor: install ## run the FastAPI predictor on $(REPO) (port 8100; every setting is a PREDICTOR_* variable)
@@ -110,4 +110,4 @@ predictor: install ## run the FastAPI predictor on $(REPO) (port 8100; every set
 
 predictor-bench: install ## predictor req/s, p50/p99 at concurrency 1/8/32, batching on/off, vs its /noop ceiling
 	mkdir -p reports
-	$(PY) -m services.predictor.bench --repo $(REPO) --json reports/predictor-bench.json
+	$(PY) -m loadtests.predictor_bench --repo $(REPO) --json reports/predictor-bench.json

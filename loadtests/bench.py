@@ -19,7 +19,8 @@ backend ran without a failed request, 1 when some failed, 2 when the run could n
 
 On two cores the load generator and the servers compete for the CPU. When the servers are
 pinned to a subset of the CPUs (e.g. ``taskset -c 0`` in the stack), ``--locust-cpus auto``
-pins Locust to the others with ``taskset``; the report says which side was CPU-bound.
+pins Locust to the others (the harness's pinned runner); the report says which side was
+CPU-bound.
 """
 
 from __future__ import annotations
@@ -30,13 +31,10 @@ import json
 import os
 import platform
 import re
-import shutil
-import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -45,6 +43,7 @@ from urllib.parse import urlsplit
 import httpx
 import psutil
 
+from loadtests.harness import BenchError, PinnedProcess, cpu_list, cpu_seconds, parse_cpus
 from loadtests.report import CpuUsage, build_report
 from loadtests.targets import (
     BACKENDS,
@@ -71,10 +70,6 @@ SAMPLE_INTERVAL_S = 0.5
 _DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s?)?$")
 
 
-class BenchError(Exception):
-    """The run cannot start or go on; the message says why and what to do."""
-
-
 def duration_seconds(text: str) -> int:
     """Locust's ``-t`` syntax (``90``, ``90s``, ``1m30s``, ``1h``) in seconds."""
     match = _DURATION.match(text.strip())
@@ -85,21 +80,6 @@ def duration_seconds(text: str) -> int:
     if total < 1:
         raise argparse.ArgumentTypeError("the duration must be at least one second")
     return total
-
-
-def _cpu_list(cpus: set[int]) -> str:
-    return ",".join(str(c) for c in sorted(cpus))
-
-
-def parse_cpus(text: str) -> set[int]:
-    """``"1"``, ``"0,2"`` or ``"2-3"`` -> CPU numbers."""
-    cpus: set[int] = set()
-    for part in text.split(","):
-        first, _, last = part.strip().partition("-")
-        if not first.isdigit() or (last and not last.isdigit()):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a CPU list like 1 or 0,2 or 2-3")
-        cpus.update(range(int(first), int(last or first) + 1))
-    return cpus
 
 
 # --------------------------------------------------------------------------- processes
@@ -148,10 +128,9 @@ class CpuSeries:
         for root in self.roots:
             for process in _tree(root):
                 try:
-                    times = process.cpu_times()
-                except psutil.Error:
+                    used = cpu_seconds(process.pid)
+                except OSError:
                     continue  # exited between listing and reading: its last sample stays
-                used = times.user + times.system
                 self._base.setdefault(process.pid, used)
                 self._last[process.pid] = used
         self.points.append((now, sum(self._last[p] - self._base[p] for p in self._last)))
@@ -284,23 +263,6 @@ def placement(
     return parse_cpus(config.locust_cpus), server_cpus
 
 
-@contextlib.contextmanager
-def _process_group(
-    command: list[str], log: Path, env: dict[str, str]
-) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        try:
-            yield process
-        finally:
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
-
 def run_backend(
     config: BenchConfig,
     settings: LoadTestSettings,
@@ -323,12 +285,6 @@ def run_backend(
         "--csv", str(run_dir / backend), "--json-file", str(run_dir / backend),
         USER_CLASSES[backend],
     ]  # fmt: skip
-    preexec_pin = False
-    if pin is not None:
-        if shutil.which("taskset"):
-            command = ["taskset", "-c", _cpu_list(pin), *command]
-        else:
-            preexec_pin = True
     env = {
         **os.environ,
         "LOADTEST_GATEWAY_URL": config.gateway_url,
@@ -341,20 +297,17 @@ def run_backend(
     with httpx.Client(timeout=10.0) as client:
         _scrape(client, config.gateway_url, run_dir / f"{backend}_metrics_before.txt", notes)
 
-        where = f"Locust on CPU {_cpu_list(pin)}" if pin else "Locust not pinned"
+        where = f"Locust on CPU {cpu_list(pin)}" if pin else "Locust not pinned"
         print(f"bench: {backend}: {config.users} users for {config.duration} ({where})...",
               flush=True)  # fmt: skip
         log = run_dir / f"{backend}_locust.log"
-        with _process_group(command, log, env) as process:
-            generator = psutil.Process(process.pid)
-            if preexec_pin and pin is not None:
-                generator.cpu_affinity(sorted(pin))
-            groups = {"load_generator": [generator]}
+        with PinnedProcess("locust", command, env, cpus=pin, log=log) as locust:
+            groups = {"load_generator": [psutil.Process(locust.pid)]}
             groups.update({"gateway": [servers["gateway"]]} if "gateway" in servers else {})
             groups.update({"engine": [servers[backend]]} if backend in servers else {})
             with CpuSampler(groups) as sampler:
                 try:
-                    rc = process.wait(timeout=duration_seconds(config.duration) + 120)
+                    rc = locust.process.wait(timeout=duration_seconds(config.duration) + 120)
                 except subprocess.TimeoutExpired:
                     notes.append(f"{backend}: Locust did not stop in time and was killed")
                     rc = -9
@@ -376,8 +329,8 @@ def run_backend(
             ),
             server_cores=len(server_cpus),
             machine=sampler.machine_percent(start, end),
-            load_generator_cpus=_cpu_list(pin) if pin else _cpu_list(set(os.sched_getaffinity(0))),
-            server_cpus=_cpu_list(server_cpus),
+            load_generator_cpus=cpu_list(pin) if pin else cpu_list(os.sched_getaffinity(0)),
+            server_cpus=cpu_list(server_cpus),
             gateway=series["gateway"].percent(start, end) if "gateway" in series else 0.0,
             engine=series["engine"].percent(start, end) if "engine" in series else 0.0,
             machine_cores=psutil.cpu_count() or 1,

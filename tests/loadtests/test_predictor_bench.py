@@ -1,4 +1,4 @@
-"""The predictor benchmark's own parts (the benchmark is a command; its figures are not tested)."""
+"""The predictor bench's own parts (the benchmark is a command; its figures are not tested)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from services.predictor.bench import model_only_ms_per_image
+from loadtests.predictor_bench import model_only_ms_per_image
 from tests.conftest import PublishedModel
 
 

@@ -14,8 +14,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from loadtests.triton_bench import batching_counters
 from services.common.imaging import decode_and_preprocess
-from services.triton.bench import batching_counters
 from services.triton.protocol import parse_error
 from tests.conftest import PublishedModel
 from tests.triton.conftest import RunningTriton
