@@ -242,7 +242,7 @@ def _is_number(value: object) -> bool:
 
 
 def parse_predict_response(body: bytes, top_k: int) -> Answer:
-    """The DESIGN.md answer for one image (gateway, predictor, TorchServe handler)."""
+    """The documented answer for one image (gateway, predictor, TorchServe handler)."""
     data = _json_object(body)
     for key in ("model", "backend"):
         if not isinstance(data.get(key), str):
@@ -355,7 +355,7 @@ class Target:
 
 
 class GatewayTarget(Target):
-    """``POST /predict?backend=<engine>`` with ``{"image": base64}`` (DESIGN.md contract)."""
+    """``POST /predict?backend=<engine>`` with ``{"image": base64}`` (the gateway's contract)."""
 
     def __init__(self, settings: LoadTestSettings, backend: str) -> None:
         super().__init__(settings, backend)
