@@ -189,7 +189,8 @@ def test_a_loop_of_so_many_requests_after_a_warm_up() -> None:
     loop = run_loop(closed_loop(connect, 3, requests=40, warmup_requests=10))
     assert loop.requests == 40 and loop.completed == 50 == len(sent)
     assert loop.errors == 8  # the 15th, 20th ... 50th: the first ten were the warm-up
-    assert all(0.001 <= latency < 0.5 for latency in loop.latencies)
+    # asyncio may wake a sleeper up to its clock resolution early: the floor allows for it.
+    assert all(0.0005 <= latency < 0.5 for latency in loop.latencies), loop.latencies
     assert loop.seconds > 0 and loop.rps == loop.requests / loop.seconds
 
 
