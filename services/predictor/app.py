@@ -253,9 +253,7 @@ def create_app(settings: PredictorSettings | None = None, loader: Loader | None 
         images = body.image_texts(model.serving.max_images_per_request)
         decode = functools.partial(_decode, spec=model.spec, max_pixels=model.serving.max_pixels)
         async with state.deadline():
-            # The `images` form is a batch its caller formed (the gateway's merged calls):
-            # it does not wait for other requests to join it.
-            logits = await state.classify(model, images, decode, prebatched=body.images is not None)
+            logits = await state.classify(model, images, decode, batch_axis=body.images is not None)
         metrics.images.labels("predict").inc(len(images))
         predictions = top_k_predictions(logits, model.labels, body.top_k)
         payload = {

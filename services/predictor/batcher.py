@@ -6,11 +6,14 @@ waited ``max_delay`` (Triton's ``max_queue_delay`` semantics), whichever comes f
 no time is spent waiting at all: while one batch runs, the next one fills up.
 
 The delay exists to gather single images from concurrent callers, so two kinds of work never
-wait for it: a lone image while nothing suggests concurrent traffic, and a *prebatched* request,
-one whose images the caller already gathered into a batch (the ``images`` form of ``/predict``,
-a v2 tensor of several images). The gateway coalesces its concurrent callers into such calls and
-has nothing more to send until one returns, so holding them back would only leave the CPU
-idle; they run as soon as a batch slot is free, together with whatever else is queued by then.
+wait for it: a lone image while nothing suggests concurrent traffic, and a request with a
+*batch axis*. This is the one place the rule lives: a request whose images come along a batch
+axis (every Open Inference Protocol tensor, ``[N, ...]``, REST or gRPC, and the ``images`` list
+of ``/predict``) is a batch its caller formed, even of one image, and runs as soon as a batch
+slot is free, together with whatever else is queued by then; only axis-less single images
+(``/predict``'s ``image``) wait to be gathered. The gateway coalesces its concurrent callers
+into such tensors and has nothing more to send until one returns, so holding them back would
+only leave the CPU idle.
 
 A batch is then processed off the event loop in two steps: its encoded images are decoded in
 the decode pool (split into one chunk per decode thread), and the tensors go through the
@@ -80,8 +83,23 @@ class _Item:
     decode: Decoder | None  # None: the payload already is the tensor
     future: asyncio.Future[FloatArray]
     enqueued: float
-    prebatched: bool  # its caller batched it already: it never waits for the delay
+    batch_axis: bool  # its caller batched it already: it never waits for the delay
     tensor: FloatArray | None = None
+    started: float = 0.0  # when its batch was taken
+    decode_s: float = 0.0  # its batch's decoding
+    infer_s: float = 0.0  # its batch's inference call
+
+
+@dataclass(slots=True)
+class RequestTiming:
+    """Where one request's time went, filled in by :meth:`DynamicBatcher.infer` (the
+    predictor's inference statistics): the longest queue wait of its images, and the decoding
+    and inference time of the batch(es) they ran in (a batch's time counts fully for each of
+    its requests, as Triton counts it)."""
+
+    queue_s: float = 0.0
+    decode_s: float = 0.0
+    infer_s: float = 0.0
 
 
 def _decode_chunk(jobs: list[tuple[Decoder, object]]) -> list[FloatArray | Exception]:
@@ -122,7 +140,7 @@ class DynamicBatcher:
         self.max_delay_s = max_delay_s
         self.queue_size = queue_size
         self._pending: deque[_Item] = deque()
-        self._prebatched_pending = 0  # prebatched items in `_pending`
+        self._batch_axis_pending = 0  # items of batch-axis requests in `_pending`
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(in_flight_batches)
         self._idle = True
@@ -162,7 +180,7 @@ class DynamicBatcher:
             if not item.future.done():
                 item.future.set_exception(BatcherClosed("the predictor is shutting down"))
         self._pending.clear()
-        self._prebatched_pending = 0
+        self._batch_axis_pending = 0
         self._in_flight.clear()
 
     async def infer(
@@ -170,14 +188,16 @@ class DynamicBatcher:
         model: LoadedModel,
         payloads: Sequence[object],
         decode: Decoder | None = None,
-        prebatched: bool = False,
+        batch_axis: bool = False,
+        timing: RequestTiming | None = None,
     ) -> FloatArray:
         """Logits ``[len(payloads), classes]`` from ``model``; all images or none are queued.
 
         ``payloads`` are encoded images that ``decode`` turns into tensors, or ready tensors
-        when ``decode`` is None. ``prebatched``: the caller gathered them into a batch itself,
-        so they do not wait for others (see the module docstring). A payload that fails to
-        decode raises :class:`ItemFailed`.
+        when ``decode`` is None. ``batch_axis``: they came along the batch axis of the
+        caller's request, so they do not wait for others (see the module docstring). A payload
+        that fails to decode raises :class:`ItemFailed`. ``timing``, when given, is filled in
+        once the logits are there.
         """
         if self._closed:
             raise BatcherClosed("the predictor is shutting down")
@@ -194,18 +214,18 @@ class DynamicBatcher:
                 decode,
                 loop.create_future(),
                 now,
-                prebatched,
+                batch_axis,
                 None if decode else cast(Any, p),
             )
             for p in payloads
         ]
         self._pending.extend(items)
-        if prebatched:
-            self._prebatched_pending += len(items)
+        if batch_axis:
+            self._batch_axis_pending += len(items)
         # Wake the batcher only when it sleeps on an empty queue, a batch just filled up or a
         # batch that must not wait arrived; waking it for every image would cost a loop
         # iteration each.
-        if self._idle or prebatched or len(self._pending) >= self.max_batch_size:
+        if self._idle or batch_axis or len(self._pending) >= self.max_batch_size:
             self._wakeup.set()
         rows: list[FloatArray] = []
         try:
@@ -223,6 +243,10 @@ class DynamicBatcher:
                 elif not item.future.cancelled():
                     item.future.exception()  # mark retrieved: asyncio would log it at GC
             raise
+        if timing is not None:
+            timing.queue_s = max(item.started - item.enqueued for item in items)
+            timing.decode_s = max(item.decode_s for item in items)
+            timing.infer_s = max(item.infer_s for item in items)
         return np.stack(rows)
 
     async def _run(self) -> None:
@@ -250,13 +274,13 @@ class DynamicBatcher:
     def _must_wait(self) -> bool:
         """Whether the pending images should wait for more to join their batch.
 
-        Not when the batch is full, nor when a prebatched request is queued (see the module
+        Not when the batch is full, nor when a batch-axis request is queued (see the module
         docstring), nor for a lone image while nothing suggests concurrent traffic (the
         previous batch was a single image and no batch is in flight): a client sending one
         request at a time would otherwise pay the whole delay on every request, for a batch
         that never comes.
         """
-        if len(self._pending) >= self.max_batch_size or self._prebatched_pending:
+        if len(self._pending) >= self.max_batch_size or self._batch_axis_pending:
             return False
         return not (len(self._pending) == 1 and self._last_batch <= 1 and not self._in_flight)
 
@@ -283,7 +307,7 @@ class DynamicBatcher:
             if batch and item.model is not batch[0].model and not item.future.done():
                 break  # a hot reload happened between these two: next batch
             self._pending.popleft()
-            self._prebatched_pending -= item.prebatched
+            self._batch_axis_pending -= item.batch_axis
             if not item.future.done():  # else its request gave up (timeout, disconnect)
                 batch.append(item)
         return batch
@@ -315,10 +339,14 @@ class DynamicBatcher:
         model = batch[0].model
         start = time.perf_counter()
         for item in batch:
+            item.started = start
             self._metrics.queue_time.observe(start - item.enqueued)
         jobs = [(item, item.decode) for item in batch if item.decode is not None]
         if jobs:
             await self._decode(jobs)
+            decode_s = time.perf_counter() - start
+            for item in batch:
+                item.decode_s = decode_s
         live: list[_Item] = []
         tensors: list[FloatArray] = []
         for item in batch:
@@ -342,5 +370,6 @@ class DynamicBatcher:
             return
         self._metrics.inference_time.observe(seconds)
         for item, row in zip(live, logits, strict=True):
+            item.infer_s = seconds
             if not item.future.done():
                 item.future.set_result(row)

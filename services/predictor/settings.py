@@ -65,8 +65,8 @@ class PredictorSettings(ServiceSettings):
     max_delay_ms: float | None = Field(default=None, ge=0.0, le=1000.0)
     """Overrides the model's serving config `max_batch_delay_ms`: how long the oldest queued
     image may wait for a batch to fill (not applied to a lone image when the previous batch was
-    a single image too, nor while an `images` request, such as the gateway's calls, or a v2
-    tensor of several images is queued: its caller formed that batch). Unset: the model's."""
+    a single image too, nor while a request with a batch axis, a v2 tensor such as the gateway's
+    calls or an `images` list, is queued: its caller formed that batch). Unset: the model's."""
     instance_count: int | None = Field(default=None, ge=1, le=64)
     """Overrides the model's serving config `instance_count`: inference threads, each running
     batches on the one engine (read at start). Unset: the model's value."""

@@ -26,10 +26,12 @@ from services.predictor.batcher import (
     InferenceFailed,
     ItemFailed,
     QueueFull,
+    RequestTiming,
 )
 from services.predictor.metrics import PredictorMetrics
 from services.predictor.reloader import ModelManager
 from services.predictor.settings import PredictorSettings
+from services.predictor.statistics import InferenceStatistics
 
 T = TypeVar("T")
 
@@ -50,6 +52,7 @@ class PredictorState:
     decode_pool: ThreadPoolExecutor
     ready: bool = False
     background: list[asyncio.Task[None]] = field(default_factory=list)
+    statistics: InferenceStatistics = field(default_factory=InferenceStatistics)
 
     def model(self) -> LoadedModel:
         """The version new requests use (a request keeps it to the end, across reloads)."""
@@ -67,15 +70,17 @@ class PredictorState:
         payloads: Sequence[object],
         decode: Decoder | None = None,
         what: str = "images",
-        prebatched: bool = False,
+        batch_axis: bool = False,
+        timing: RequestTiming | None = None,
     ) -> FloatArray:
-        """Logits through the batcher, its failures translated to HTTP errors.
+        """Logits through the batcher (``batch_axis``: see :mod:`~services.predictor.batcher`),
+        its failures translated to HTTP errors.
 
         A payload that fails to decode is the caller's mistake (4xx naming its index when the
         request had several); anything else that fails an item is re-raised as it is.
         """
         try:
-            return await self.batcher.infer(model, payloads, decode, prebatched)
+            return await self.batcher.infer(model, payloads, decode, batch_axis, timing)
         except ItemFailed as failed:
             if isinstance(failed.error, ImageDecodeError):
                 where = f"{what}[{failed.index}]: " if len(payloads) > 1 else ""

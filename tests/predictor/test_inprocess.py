@@ -209,13 +209,14 @@ async def test_manager_refuses_a_failing_version_and_keeps_the_old(
     assert await manager.check_once() is False  # not retried: still serving the old one
 
 
-async def test_delay_is_skipped_for_a_lone_request_a_full_batch_and_a_prebatched_request(
+async def test_delay_is_skipped_for_a_lone_request_a_full_batch_and_a_batch_axis_request(
     published_model: PublishedModel,
 ) -> None:
-    """With a one-minute max delay, a lone request, a full batch and a prebatched request (one
-    its caller batched: the `images` form) are still answered at once (the test's own timeout
-    is shorter than the delay): the delay only ever waits for concurrent single images that
-    can join a batch. A single image that is waiting goes along when a prebatched one arrives."""
+    """With a one-minute max delay, a lone request, a full batch and a request with a batch
+    axis (one its caller batched: the `images` form, a v2 tensor) are still answered at once
+    (the test's own timeout is shorter than the delay): the delay only ever waits for
+    concurrent single images that can join a batch. A single image that is waiting goes along
+    when a batch-axis one arrives."""
     engine = GatedEngine()
     engine.release.set()
     model = _model(published_model, engine)
@@ -236,15 +237,15 @@ async def test_delay_is_skipped_for_a_lone_request_a_full_batch_and_a_prebatched
                 assert (await batcher.infer(model, [tensor])).shape == (1, 10)
                 assert (await batcher.infer(model, [tensor] * 4)).shape == (4, 10)
                 # A batch its caller formed, even of one image, does not wait...
-                assert (await batcher.infer(model, [tensor] * 2, prebatched=True)).shape == (2, 10)
-                assert (await batcher.infer(model, [tensor], prebatched=True)).shape == (1, 10)
+                assert (await batcher.infer(model, [tensor] * 2, batch_axis=True)).shape == (2, 10)
+                assert (await batcher.infer(model, [tensor], batch_axis=True)).shape == (1, 10)
                 # ...while after a batch of more than one, a single image waits for company...
-                await batcher.infer(model, [tensor] * 2, prebatched=True)
+                await batcher.infer(model, [tensor] * 2, batch_axis=True)
                 waiting = asyncio.create_task(batcher.infer(model, [tensor]))
                 await asyncio.sleep(0.2)
                 assert not waiting.done()
-                # ...and leaves with the next prebatched request.
-                assert (await batcher.infer(model, [tensor] * 2, prebatched=True)).shape == (2, 10)
+                # ...and leaves with the next batch-axis request.
+                assert (await batcher.infer(model, [tensor] * 2, batch_axis=True)).shape == (2, 10)
                 assert (await waiting).shape == (1, 10)
         finally:
             await batcher.stop()
