@@ -8,6 +8,9 @@
         management key from TorchServe's key_file.json, and the service is healthy when a
         worker of the default version is READY. TorchServe's own /ping is not enough: it says
         "Healthy" before any worker has loaded the model.
+    healthcheck.py --torchserve URL
+        the same READY-worker check without a key, for a TorchServe whose token authorization
+        is off (Kubernetes: the probe calls the management API on the pod's loopback).
 
 Standard library only, and Python 3.10 syntax at most: the same file runs in the app image and
 in the NGC Triton image. The TorchServe check (app image only) counts READY workers with
@@ -62,7 +65,7 @@ def check(args: argparse.Namespace) -> str | None:
         return f"{args.url}: {exc}"
     if status != 200:
         return f"{args.url}: HTTP {status} {body[:200]!r}"
-    if args.torchserve_key_file is not None:
+    if args.torchserve or args.torchserve_key_file is not None:
         return torchserve_ready(body)
     return None
 
@@ -72,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("url", help="URL that answers 200 when the service is ready")
     parser.add_argument(
         "--torchserve-key-file", default=None, help="TorchServe's key_file.json (see above)"
+    )
+    parser.add_argument(
+        "--torchserve",
+        action="store_true",
+        help="URL is TorchServe's /models/<model>: healthy when a worker is READY",
     )
     parser.add_argument("--timeout", type=float, default=4.0, help="seconds (default 4)")
     reason = check(parser.parse_args(argv))

@@ -369,10 +369,13 @@ class TorchServeBackend(HttpBackend):
         super().__init__(settings.torchserve_url, settings)
         self.model = settings.model
         self.predict_url = self.url(f"/predictions/{self.model}")
-        management = URL(settings.torchserve_management_url)
-        self.describe_url = management.with_path(
-            management.path.rstrip("/") + f"/models/{self.model}"
-        )
+        self.describe_url: URL | None = None
+        if settings.torchserve_management_url is not None:
+            management = URL(settings.torchserve_management_url)
+            self.describe_url = management.with_path(
+                management.path.rstrip("/") + f"/models/{self.model}"
+            )
+        self.ping_url = self.url("/ping")
         self.keys = TorchServeKeys(settings.torchserve_key_file)
 
     def _auth(self, management: bool = False) -> dict[str, str]:
@@ -447,6 +450,8 @@ class TorchServeBackend(HttpBackend):
         )
 
     async def check_ready(self) -> Readiness:
+        if self.describe_url is None:
+            return await self._check_ping()
         try:
             headers = self._auth(management=True)
         except EngineUnavailable as exc:
@@ -465,6 +470,23 @@ class TorchServeBackend(HttpBackend):
         if not ready:
             return Readiness(False, f"{self.model} has no READY worker")
         return Readiness(True, f"{self.model} v{ready[0]}")
+
+    async def _check_ping(self) -> Readiness:
+        """Without the management API: TorchServe's ``/ping`` (200 once its frontend is up
+        and every registered model has its minimum of workers). Said "Healthy" before the
+        model is registered, it is enough only where something else waits for a READY
+        worker: in Kubernetes, the pods' readiness probe, without which the Service sends
+        nothing to a pod."""
+        try:
+            headers = self._auth()
+        except EngineUnavailable as exc:
+            return Readiness(False, exc.message)
+        reply = await self._probe(self.ping_url, headers)
+        if isinstance(reply, str):
+            return Readiness(False, reply)
+        if reply.status != 200:
+            return Readiness(False, f"ping answered {reply.status}")
+        return Readiness(True, "ping: healthy")
 
 
 class TritonBackend(HttpBackend):

@@ -50,8 +50,10 @@ class GatewaySettings(ServiceSettings):
     """Base URL of the FastAPI predictor (`POST /predict`, `GET /readyz`)."""
     torchserve_url: str = "http://127.0.0.1:8180"
     """Base URL of TorchServe's inference API (`POST /predictions/<model>`)."""
-    torchserve_management_url: str = "http://127.0.0.1:8181"
-    """Base URL of TorchServe's management API, asked whether the model's workers are READY."""
+    torchserve_management_url: str | None = "http://127.0.0.1:8181"
+    """Base URL of TorchServe's management API, asked whether the model's workers are READY;
+    empty asks the inference API's `/ping` instead (Kubernetes, where the management API is
+    out of reach and the Service routes only to pods whose own probe found a READY worker)."""
     torchserve_key_file: Path | None = Path("runs/torchserve/key_file.json")
     """TorchServe's key_file.json (inference and management keys; re-read when TorchServe
     writes new ones); empty when token authorization is off."""
@@ -120,14 +122,16 @@ class GatewaySettings(ServiceSettings):
     def _empty_key_file(cls, value: Any) -> Any:
         return None if value == "" else value
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "torchserve_management_url", mode="before")
     @classmethod
-    def _empty_api_key(cls, value: Any) -> Any:
+    def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
 
     @field_validator("predictor_url", "torchserve_url", "torchserve_management_url", "triton_url")
     @classmethod
-    def _http_url(cls, value: str) -> str:
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not value.startswith(("http://", "https://")):
             raise ValueError(f"{value!r} must start with http:// or https://")
         return value.rstrip("/")

@@ -121,7 +121,11 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"TorchServe serves {settings.model} v{instance.version} at "
                 f"{settings.inference_url} (ready in {time.monotonic() - started:.1f} s); "
-                f"keys in {settings.key_file}"
+                + (
+                    f"keys in {settings.key_file}"
+                    if settings.token_authorization
+                    else "token authorization off"
+                )
             )
         elif args.command == "down":
             pids = down(settings)

@@ -23,7 +23,10 @@ Security choices (README "TorchServe"):
 
 * token authorization stays ON (TorchServe 0.12 default): TorchServe writes
   ``key_file.json`` (inference, management and API keys) into its working directory, the run
-  folder, which is created with mode 0700;
+  folder, which is created with mode 0700. ``TORCHSERVE_TOKEN_AUTHORIZATION=false`` turns it
+  off, for Kubernetes only (deploy/kubernetes): there several replicas sit behind one Service,
+  each with keys of its own that no gateway pod could read, and a NetworkPolicy lets only the
+  gateway reach the inference API while the management API stays on the pod's loopback;
 * the management API listens on loopback locally; ``enable_model_api`` is on so that new
   versions can be registered without a restart, but ``allowed_urls`` only matches archives
   already in this instance's model store: nobody can make TorchServe download code, and
@@ -105,6 +108,9 @@ class TorchServeSettings(BaseSettings):
     """Largest request body TorchServe accepts (413 above); matches the gateway's limit."""
     jvm_heap_mb: int = Field(default=512, ge=128)
     """Java heap cap (-Xmx) of the frontend."""
+    token_authorization: bool = True
+    """Require TorchServe's keys (key_file.json) on every call; off only where the network
+    keeps everyone but the gateway away (the Kubernetes manifests' NetworkPolicy)."""
     token_expiration_min: int = Field(default=7 * 24 * 60, ge=1)
     """Lifetime of the inference and management keys (TorchServe's default is 60)."""
     enable_model_api: bool = True
@@ -185,6 +191,22 @@ class Keys:
 
     inference: str
     management: str
+
+
+#: What an instance with token authorization off is called with: no key, no header.
+NO_KEYS = Keys(inference="", management="")
+
+
+def auth_header(key: str) -> dict[str, str]:
+    """The ``Authorization`` header that carries ``key``; none for an empty key (token
+    authorization off)."""
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def instance_keys(settings: TorchServeSettings) -> Keys:
+    """The keys to call this instance with: its key_file.json, or :data:`NO_KEYS` when token
+    authorization is off (raises like :func:`read_keys`)."""
+    return read_keys(settings.key_file) if settings.token_authorization else NO_KEYS
 
 
 def read_keys(key_file: Path) -> Keys:
@@ -293,10 +315,21 @@ def render_config(
         f"max_request_size={settings.max_request_bytes}",
         "metrics_mode=prometheus",
         f"metrics_config={metrics}",
-        "# Token authorization ON: keys in key_file.json in the working directory.",
-        "disable_token_authorization=false",
-        f"token_expiration_min={settings.token_expiration_min}",
-        "# Registering versions needs the management key; only archives already in the",
+        *(
+            [
+                "# Token authorization ON: keys in key_file.json in the working directory.",
+                "disable_token_authorization=false",
+                f"token_expiration_min={settings.token_expiration_min}",
+                "# Registering versions needs the management key; only archives already in the",
+            ]
+            if settings.token_authorization
+            else [
+                "# Token authorization OFF: only the network keeps callers out (Kubernetes:",
+                "# the NetworkPolicy lets only the gateway reach the inference API).",
+                "disable_token_authorization=true",
+                "# Registering needs the management API; only archives already in the",
+            ]
+        ),
         "# model store can be registered (allowed_urls matches nothing else).",
         f"enable_model_api={'true' if settings.enable_model_api else 'false'}",
         f"allowed_urls=file://{store}/[^/]+[.]mar",

@@ -55,8 +55,9 @@ from services.torchserve.config import (
     Keys,
     Registration,
     TorchServeSettings,
+    auth_header,
+    instance_keys,
     mar_name,
-    read_keys,
     registration,
     render_config,
 )
@@ -96,11 +97,11 @@ class Instance:
 
     @property
     def inference_headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.keys.inference}"}
+        return auth_header(self.keys.inference)
 
     @property
     def management_headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.keys.management}"}
+        return auth_header(self.keys.management)
 
     def predictions_url(self) -> str:
         return f"{self.settings.inference_url}/predictions/{self.settings.model}"
@@ -195,7 +196,7 @@ def _management(
         method,
         f"{settings.management_url}{path}",
         params=params,
-        headers={"Authorization": f"Bearer {keys.management}"},
+        headers=auth_header(keys.management),
         timeout=timeout,
     )
 
@@ -230,7 +231,7 @@ def _wait_ready(
             )
         if keys is None:
             with contextlib.suppress(FileNotFoundError, ValueError):
-                keys = read_keys(settings.key_file)
+                keys = instance_keys(settings)
         if keys is not None and _ready_workers(settings, keys, version) >= workers:
             return keys
         time.sleep(_POLL_S)
@@ -432,7 +433,7 @@ def status(settings: TorchServeSettings) -> dict[str, Any]:
     }
     if procs:
         try:
-            keys = read_keys(settings.key_file)
+            keys = instance_keys(settings)
             report["versions"] = [
                 {
                     "version": entry.get("modelVersion"),
@@ -468,7 +469,7 @@ def reload(settings: TorchServeSettings) -> int:
         down(settings)
         return up(settings.model_copy(update={"version": newest})).version
     try:
-        keys = read_keys(settings.key_file)
+        keys = instance_keys(settings)
     except (FileNotFoundError, ValueError) as exc:
         raise TorchServeError(f"cannot read the management key: {exc}") from None
     served = {int(str(entry["modelVersion"])) for entry in describe(settings, keys)}
