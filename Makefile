@@ -11,7 +11,7 @@ TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: help install train-and-publish test lint gpu-check clean \
-	triton-up triton-down triton-status triton-bench up down status compose-check bench gateway bench-gateway predictor predictor-bench \
+	triton-up triton-down triton-status triton-bench up down status compose-check k8s-check bench gateway bench-gateway predictor predictor-bench \
 	torchserve-up torchserve-down torchserve-status torchserve-reload torchserve-bench
 
 help: ## list targets
@@ -48,6 +48,9 @@ bench: install ## Locust comparison of the 3 backends through the gateway (after
 
 compose-check: install ## validate compose.yaml, the Dockerfiles, Prometheus and Grafana config (no Docker needed)
 	$(PY) -m pytest tests/stack/test_compose_static.py -q
+
+k8s-check: install ## render and validate the Kubernetes manifests offline (no cluster needed)
+	$(PY) -m pytest tests/deploy/test_kubernetes_static.py -q
 
 test: install ## the whole test suite (what CI runs)
 	$(PY) -m pytest $(PYTEST_ARGS)
