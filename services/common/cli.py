@@ -2,8 +2,10 @@
 
 Reads the service's settings (``--settings`` prints their table, and what ``describe`` adds,
 such as the overrides of the model's serving config in effect), then runs its FastAPI app
-under uvicorn. A bad setting stops the process with pydantic's message and exit status 2; a
-failed start-up (no servable model, ...) is uvicorn's exit status 3.
+under uvicorn with the bounded HTTP front end of :mod:`services.common.limits` (header size
+and count, read timeouts, lingering close). A bad setting stops the process with pydantic's
+message and exit status 2; a failed start-up (no servable model, ...) is uvicorn's exit
+status 3.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 
+from services.common.limits import bounded_protocol
 from services.common.settings import ServiceSettings, configure_logging, settings_table
 
 SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
@@ -55,5 +58,6 @@ def serve(
         log_level=settings.log_level,
         access_log=settings.access_log,
         lifespan="on",
+        http=bounded_protocol(settings.http_limits()),
     )
     return 0

@@ -14,7 +14,10 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.common.http import DEFAULT_MAX_BODY_BYTES
+from services.common.http import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_BUFFERED_BYTES
+from services.common.limits import HttpLimits
+
+_LIMITS = HttpLimits()
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -36,6 +39,39 @@ class ServiceSettings(BaseSettings):
     """Log one line per request (off by default: it costs throughput and Prometheus counts them)."""
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1)
     """Largest request body in bytes; larger ones get 413 before they are parsed."""
+    max_buffered_bytes: int = Field(default=DEFAULT_MAX_BUFFERED_BYTES, ge=1)
+    """Most request-body bytes held at once across all connections; a request that would pass
+    it gets 503 with Retry-After before its body is read."""
+    max_header_bytes: int = Field(default=_LIMITS.max_header_bytes, ge=1024)
+    """Largest request head (request line and headers) in bytes; a larger one gets 431 and the
+    connection is closed."""
+    max_header_line_bytes: int = Field(default=_LIMITS.max_header_line_bytes, ge=256)
+    """Longest request line (414 beyond) or header line (431 beyond) in bytes."""
+    max_headers: int = Field(default=_LIMITS.max_headers, ge=1)
+    """Most headers in one request; more get 431."""
+    header_timeout_s: float = Field(default=_LIMITS.header_timeout_s, gt=0.0)
+    """Time a request head may take from its first byte (408 after it); a connection that sends
+    nothing is closed after it too."""
+    body_timeout_s: float = Field(default=_LIMITS.body_timeout_s, gt=0.0)
+    """Longest silence while a request body is being read (408 after it)."""
+    drain_max_bytes: int = Field(default=_LIMITS.drain_max_bytes, ge=0)
+    """After an answer given before the body was complete (413, 401, ...), bytes of the rest
+    that are read and dropped, so that a client still uploading reads the answer, before the
+    connection is closed."""
+    drain_timeout_s: float = Field(default=_LIMITS.drain_timeout_s, gt=0.0)
+    """Longest time that draining may take."""
+
+    def http_limits(self) -> HttpLimits:
+        """The limits of :mod:`services.common.limits` these settings ask for."""
+        return HttpLimits(
+            max_header_line_bytes=self.max_header_line_bytes,
+            max_header_bytes=self.max_header_bytes,
+            max_headers=self.max_headers,
+            header_timeout_s=self.header_timeout_s,
+            body_timeout_s=self.body_timeout_s,
+            drain_max_bytes=self.drain_max_bytes,
+            drain_timeout_s=self.drain_timeout_s,
+        )
 
 
 def configure_logging(level: LogLevel) -> None:

@@ -1,7 +1,8 @@
 """The gateway's FastAPI app: the one service a user talks to (docs/architecture.md "Gateway API").
 
-Request path of ``POST /predict``: request id -> metrics -> body size limit (413 from the
-declared length or the bytes counted) -> API key (when configured) -> JSON shape, image count
+Request path of ``POST /predict``: request id -> metrics -> API key (when configured, before
+any body byte is read) -> body limits (413 from the declared length or the bytes counted, 503
+beyond the process's buffer budget) -> JSON shape, image count
 and base64 (each image decoded once here) -> routing (:mod:`services.gateway.routing`) ->
 engine (:mod:`services.gateway.backends`) -> one answer schema with ``X-Backend`` and
 ``X-Request-ID``. Nothing that fails validation reaches an engine.
@@ -223,11 +224,26 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         lifespan=lifespan,
         telemetry=NO_FASTAPI_TELEMETRY,
     )
+    key_header = settings.api_key_header.lower().encode("latin-1")
+
+    def check_api_key(scope: Scope) -> ServiceError | None:
+        """With an API key set, ``POST /predict`` without it is refused before its body is
+        read (an unauthenticated client cannot make the gateway buffer anything)."""
+        if api_key is None or scope["path"] != "/predict":
+            return None
+        given = next((v for k, v in scope["headers"] if k == key_header), b"")
+        if hmac.compare_digest(given, api_key):
+            return None
+        metrics.errors.labels("401", Unauthorized.code).inc()
+        return Unauthorized(f"missing or wrong API key in the {settings.api_key_header} header")
+
     install_service_middleware(
         app,
         max_body_bytes=settings.max_body_bytes,
+        max_buffered_bytes=settings.max_buffered_bytes,
         duration=metrics.http_duration,
         in_flight=metrics.in_flight,
+        check_head=check_api_key,
     )
     app.add_middleware(RequestId)
 
@@ -255,12 +271,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         status = 500
         try:
             state = gateway_state(request)
-            if api_key is not None:
-                given = request.headers.get(settings.api_key_header, "").encode()
-                if not hmac.compare_digest(given, api_key):
-                    raise Unauthorized(
-                        f"missing or wrong API key in the {settings.api_key_header} header"
-                    )
             body, images = parse_body(
                 await request.body(), request.headers.get("content-type", ""), settings.max_images
             )

@@ -228,6 +228,7 @@ def create_app(settings: PredictorSettings | None = None, loader: Loader | None 
     install_service_middleware(
         app,
         max_body_bytes=settings.max_body_bytes,
+        max_buffered_bytes=settings.max_buffered_bytes,
         duration=metrics.http_duration,
         in_flight=metrics.in_flight,
     )
