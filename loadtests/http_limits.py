@@ -410,6 +410,24 @@ def healthz_latency_during(port: int, action: Callable[[], Outcome]) -> Outcome:
     return outcome
 
 
+def request_cost(port: int, pid: int, seconds: float) -> str:
+    """Server CPU ms per ordinary request and the client's view of it, as one line."""
+    from loadtests.harness import HttpSender, cpu_ms_per_request, cpu_seconds, http_request
+    from loadtests.harness import measure as measure_loop
+
+    request = http_request("/predict", b"{}", port)
+    connect = HttpSender.connector(port, [request], check=lambda status, _: status == 422)
+    loop, cpu = measure_loop(
+        connect, 8, {"server": lambda: cpu_seconds(pid)}, seconds=seconds, warmup_s=1.0
+    )
+    server_ms = cpu_ms_per_request(cpu.seconds["server"], loop.completed)
+    return (
+        f"{loop.rps:.0f} req/s, p50 {loop.percentile_ms(50):.2f} ms, "
+        f"p99 {loop.percentile_ms(99):.2f} ms, server {server_ms:.3f} CPU ms/request, "
+        f"errors {loop.errors}"
+    )
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -462,8 +480,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-dir", type=Path, default=Path("runs/http-limits"))
     parser.add_argument("--json", type=Path, help="also write every outcome here")
     parser.add_argument("--stall-timeout", type=float, default=30.0, help="give up after")
+    parser.add_argument(
+        "--overhead-seconds",
+        type=float,
+        default=0.0,
+        help="instead of the probes: server CPU per ordinary request (POST /predict refused "
+        "with 422 at the edge, 8 keep-alive callers) for this many seconds, three times",
+    )
     args = parser.parse_args(argv)
     args.log_dir.mkdir(parents=True, exist_ok=True)
+    if args.overhead_seconds:
+        process, port = _start_gateway({}, args.log_dir / "gateway-overhead.log")
+        try:
+            for _ in range(3):
+                print(request_cost(port, process.pid, args.overhead_seconds), flush=True)
+        finally:
+            process.terminate()
+            process.wait(30)
+        return 0
     outcomes: list[Outcome] = []
     for keyed in (False, True):
         env = {"GATEWAY_API_KEY": "probe-key"} if keyed else {}

@@ -21,7 +21,9 @@ large. :class:`BoundedHttpToolsProtocol` is that protocol with limits, each an
   drops what the client still sends, up to ``drain_max_bytes`` or ``drain_timeout_s``,
   whichever comes first, and closes. An endless upload costs that bound, never more.
 
-A timer per connection checks the deadlines lazily (it is re-armed only when it fires), so a
+It builds on the internals of uvicorn's ``HttpToolsProtocol`` (uvicorn's version is pinned;
+``tests/common/test_http_limits.py`` runs every limit against real processes). A timer per
+connection checks the deadlines lazily (it is re-armed only when it fires), so a
 request costs a few attribute writes, not timer calls. The body memory the apps buffer is
 bounded apart from this, by :class:`services.common.http.BodySizeLimit`'s shared budget.
 """
@@ -274,7 +276,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._since = self.loop.time()
         super().on_headers_complete()
         cycle = self.cycle
-        if cycle is None:  # an upgrade: not served here
+        if cycle is None or self.parser.should_upgrade():  # an upgrade: not served here
             return
         send = cycle.send
 
@@ -312,15 +314,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         self._answer_and_close(self._error(400, msg, "bad_request"))
-
-    def on_response_complete(self) -> None:
-        # An answer before the request's body is complete (an early 413, 401, ...) ends the
-        # connection: the rest of the body is drained within the bounds, never parsed.
-        if self.phase == "body" and self.raw is not None and not self.raw.is_closing():
-            self.server_state.total_requests += 1
-            self._linger()
-            return
-        super().on_response_complete()
 
     def _linger(self) -> None:
         assert self.raw is not None
