@@ -185,7 +185,7 @@ def json_response(
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
-    metrics = GatewayMetrics.create()
+    metrics = GatewayMetrics.create(settings.backends)
     api_key = settings.api_key.get_secret_value().encode() if settings.api_key else None
     model_label = settings.model
     request_duration = labelled(metrics.request_duration)

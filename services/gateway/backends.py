@@ -74,6 +74,8 @@ class Answer:
 class Readiness:
     ready: bool
     detail: str
+    #: The model version the engine serves now (None when it did not say).
+    version: str | None = None
 
 
 class BackendError(Exception):
@@ -323,7 +325,9 @@ class PredictorBackend(HttpBackend):
             return Readiness(False, f"/readyz answered {reply.status}")
         try:
             body = reply.json()
-            return Readiness(True, f"{body['model']} v{body['version']} ({body['engine']})")
+            return Readiness(
+                True, f"{body['model']} v{body['version']} ({body['engine']})", str(body["version"])
+            )
         except (orjson.JSONDecodeError, KeyError, TypeError):
             return Readiness(True, "ready")
 
@@ -469,7 +473,7 @@ class TorchServeBackend(HttpBackend):
             return Readiness(False, "management API sent a malformed description")
         if not ready:
             return Readiness(False, f"{self.model} has no READY worker")
-        return Readiness(True, f"{self.model} v{ready[0]}")
+        return Readiness(True, f"{self.model} v{ready[0]}", ready[0])
 
     async def _check_ping(self) -> Readiness:
         """Without the management API: TorchServe's ``/ping`` (200 once its frontend is up
@@ -554,7 +558,16 @@ class TritonBackend(HttpBackend):
             return Readiness(False, reply)
         if reply.status != 200:
             return Readiness(False, f"{self.ensemble} ready endpoint answered {reply.status}")
-        return Readiness(True, self.ensemble)
+        # The served version, as the other engines report theirs: the newest version the
+        # ensemble's metadata lists (during a reload the old one may still be listed).
+        metadata = await self._probe(self.metadata_url)
+        try:
+            if isinstance(metadata, str) or metadata.status != 200:
+                raise ValueError("no metadata")
+            version = max(int(v) for v in metadata.json()["versions"])
+        except (ValueError, KeyError, TypeError):  # orjson.JSONDecodeError is a ValueError
+            return Readiness(True, self.ensemble)
+        return Readiness(True, f"{self.model} v{version} ({self.ensemble})", str(version))
 
 
 def classification_top_k(row: Sequence[str], top_k: int) -> list[dict[str, Any]]:

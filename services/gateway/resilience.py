@@ -97,6 +97,8 @@ class EngineGuard:
         self.metrics = metrics
         self.ready = False
         self.detail = "not checked yet"
+        #: The version the engine served at its last readiness check (None: unknown).
+        self.version: str | None = None
         self.checked_at: float | None = None
         self.opened_at = 0.0
         self.breaker = CircuitBreaker(
@@ -168,6 +170,7 @@ class EngineGuard:
             logger.exception("readiness check of %s failed", self.name)
             readiness = Readiness(False, f"check failed: {type(exc).__name__}")
         self.checked_at = time.time()
+        self.version = readiness.version if readiness.ready else None
         self._set_ready(readiness.ready, readiness.detail)
         return readiness
 
@@ -175,6 +178,7 @@ class EngineGuard:
         return {
             "ready": self.available,
             "detail": self.detail,
+            "version": self.version,
             "breaker": self.breaker_state,
             "checked_at": self.checked_at,
         }

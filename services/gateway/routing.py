@@ -10,7 +10,9 @@
   would spread the overload. Repeated timeouts open the breaker, after which requests fail
   over at once.
 * ``?backend=all`` sends the request to every available engine at once and reports each answer
-  with its latency and whether its top-1 labels agree with the others.
+  with its latency and model version, and whether its top-1 labels agree with those of the
+  engines serving the same version; engines on different versions are reported
+  (``version_mismatch``, ``gateway_compare_version_mismatches_total``), not compared.
 """
 
 from __future__ import annotations
@@ -138,15 +140,11 @@ class Router:
             *(self._compare_one(g, images, top_k, request_id, single) for g in self.guards.values())
         )
         answered = [r for r in results if r["status"] == 200]
-        reference = next(
-            (r for r in answered if r["backend"] == self.settings.default_backend),
-            answered[0] if answered else None,
-        )
-        for result in answered:
-            result["agrees"] = reference is not None and result["top1"] == reference["top1"]
-        agree: bool | None = None
-        if len(answered) >= 2:
-            agree = all(r["agrees"] for r in answered)
+        agree = self._compare_labels(answered)
+        versions = {r["backend"]: r["version"] for r in answered}
+        mismatch = len(set(versions.values())) > 1
+        if mismatch:
+            self.metrics.version_mismatches.inc()
         self.metrics.compare.labels(
             "incomplete" if agree is None else "agree" if agree else "disagree"
         ).inc()
@@ -154,6 +152,8 @@ class Router:
             "model": self.settings.model,
             "backend": ALL_BACKENDS,
             "agree": agree,
+            "versions": versions,
+            "version_mismatch": mismatch,
             "answered": [r["backend"] for r in answered],
             "results": results,
         }
@@ -171,6 +171,27 @@ class Router:
             status = 503
         body.update(error=f"no engine answered; first error: {first['error']}", code=first["code"])
         return status, body
+
+    def _compare_labels(self, answered: list[dict[str, Any]]) -> bool | None:
+        """Whether the top-1 labels agree, compared only between engines that served the same
+        model version (a new version may rightly answer differently); sets each answer's
+        ``agrees`` (None for an engine alone on its version). None when no two answering
+        engines served the same version."""
+        by_version: dict[str, list[dict[str, Any]]] = {}
+        for result in answered:
+            by_version.setdefault(result["version"], []).append(result)
+        agree: bool | None = None
+        for group in by_version.values():
+            if len(group) < 2:
+                group[0]["agrees"] = None
+                continue
+            reference = next(
+                (r for r in group if r["backend"] == self.settings.default_backend), group[0]
+            )
+            for result in group:
+                result["agrees"] = result["top1"] == reference["top1"]
+            agree = (agree is not False) and all(r["agrees"] for r in group)
+        return agree
 
     async def _compare_one(
         self,
