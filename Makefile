@@ -11,7 +11,7 @@ TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: help install train-and-publish test lint gpu-check clean \
-	triton-up triton-down triton-status triton-bench up down status compose-check k8s-check bench gateway bench-gateway predictor predictor-bench \
+	triton-up triton-down triton-status triton-bench up down reload status compose-check k8s-check bench gateway bench-gateway predictor predictor-bench \
 	torchserve-up torchserve-down torchserve-status torchserve-reload torchserve-bench
 
 help: ## list targets
@@ -34,6 +34,9 @@ up: install ## the whole local stack (3 engines + gateway + Prometheus) under su
 
 down: ## stop the local stack; fails if any of its processes survives
 	$(PY) -m services.stack down
+
+reload: ## every engine of the running stack to the newest published version, no restart
+	$(PY) -m services.stack reload
 
 status: ## supervisor's view of the local stack and the gateway's /readyz
 	$(PY) -m services.stack status
@@ -77,7 +80,7 @@ triton-up: install ## start the local tritonserver (python-backend twins of $(RE
 triton-down: ## stop the local tritonserver and its python stubs
 	$(PY) -m services.triton down
 
-triton-status: ## is the local tritonserver running and ready?
+triton-status: ## is the local tritonserver (standalone or the stack's) running and ready?
 	$(PY) -m services.triton status
 
 triton-bench: install ## Triton start-to-ready, sequential p50/p99, throughput with 8 clients
@@ -91,11 +94,13 @@ torchserve-up: install ## start TorchServe on the newest published version (wait
 torchserve-down: ## stop TorchServe; fails if a Java or worker process survives
 	TORCHSERVE_REPOSITORY=$(REPO) $(PY) -m services.torchserve down
 
+# status and reload find the running instance (runs/torchserve, or the stack's
+# runs/stack/torchserve) and the repository it serves on their own.
 torchserve-status: ## TorchServe processes, served versions, worker states (JSON; exit 0 = ready)
-	TORCHSERVE_REPOSITORY=$(REPO) $(PY) -m services.torchserve status
+	$(PY) -m services.torchserve status
 
 torchserve-reload: install ## serve the newest published version without a restart
-	TORCHSERVE_REPOSITORY=$(REPO) $(PY) -m services.torchserve reload
+	$(PY) -m services.torchserve reload
 
 torchserve-bench: install ## TorchServe start-to-ready time and p50/p99 of 200 sequential requests
 	TORCHSERVE_REPOSITORY=$(REPO) $(PY) -m loadtests.torchserve_bench

@@ -5,6 +5,9 @@ up      train and publish first when the repository is empty, install Prometheus
         wait until the gateway's /readyz reports every engine ready, print the URLs
 down    stop everything; fails if any process of the stack survives
 status  supervisor's view of each program and the gateway's /readyz
+reload  bring every engine to the newest published version without a restart (TorchServe and
+        Triton through their launchers, the predictor's own hot reload waited for); exit 1
+        when an engine refused it (each one says why and keeps serving what it had)
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ import argparse
 import json
 import logging
 import sys
+import time
 
 from services.stack.settings import StackSettings
 from services.stack.supervisor import (
     StackError,
     down,
     readiness,
+    reload,
     supervisorctl,
     supervisord_pid,
     up,
@@ -32,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("command", choices=["up", "down", "status", "reload"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -43,6 +48,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stack ready in {seconds:.1f}s (logs: {settings.run_dir / 'logs'})")
             for name, url in urls(settings).items():
                 print(f"  {name:<11} {url}")
+        elif args.command == "reload":
+            started = time.monotonic()
+            results = reload(settings)
+            for result in results:
+                print(result.describe())
+            print(f"reload took {time.monotonic() - started:.1f}s")
+            if any(result.refused for result in results):
+                return 1
         elif args.command == "down":
             killed = down(settings)
             print("stack stopped" + (f" (killed stragglers: {killed})" if killed else ""))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -40,4 +43,40 @@ class StackSettings(BaseSettings):
     @property
     def torchserve_run_dir(self) -> Path:
         """TorchServe's run folder inside the stack's (its key file is written there)."""
-        return self.run_dir.resolve() / "torchserve"
+        return self.engine_run_dir("torchserve")
+
+    def engine_run_dir(self, engine: Engine) -> Path:
+        """The run folder the stack gives an engine's launcher (``runs/stack/<engine>``)."""
+        return self.run_dir.resolve() / engine
+
+
+Engine = Literal["torchserve", "triton"]
+
+
+def locate_run_dir(
+    engine: Engine,
+    variable: str,
+    standalone: Path,
+    running: Callable[[Path], bool],
+    stack_run_dirs: Sequence[Path] | None = None,
+) -> Path:
+    """The run folder of the ``engine`` instance the user is running, so that ``make
+    torchserve-status`` and friends need no variable in stack mode.
+
+    ``variable`` (``TORCHSERVE_RUN_DIR``) set in the environment wins. Otherwise the standalone
+    folder (``runs/torchserve``, what ``make torchserve-up`` uses) and the stack's
+    (``runs/stack/torchserve``, what ``make up`` uses) are tried in that order and the first
+    in which ``running`` finds an instance is returned; with none running, the standalone one
+    (whose status then says "not running").
+    """
+    if os.environ.get(variable):
+        return standalone
+    if stack_run_dirs is None:
+        try:
+            stack_run_dirs = [StackSettings().engine_run_dir(engine)]
+        except ValueError:  # invalid STACK_* settings: no stack to look in
+            stack_run_dirs = []
+    for candidate in (standalone, *stack_run_dirs):
+        if running(candidate):
+            return candidate
+    return standalone

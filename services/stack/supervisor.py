@@ -22,7 +22,7 @@ import httpx
 import psutil
 
 from services.common.processes import ProcessesSurvived, stop_processes
-from services.common.repository import list_versions
+from services.common.repository import RepositoryError, list_versions, load_version
 from services.stack.settings import StackSettings
 from services.torchserve.config import KEY_FILE_NAME
 
@@ -31,6 +31,10 @@ logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_NAME = "supervisord.conf"
 PROGRAMS = ("predictor", "torchserve", "triton", "gateway", "prometheus")
+#: Every log under ``runs/stack/logs`` (each program's and supervisord's own) rolls over at this
+#: size and keeps this many old files: a long-running stack never fills the disk.
+LOG_MAX_BYTES = "20MB"
+LOG_BACKUPS = 2
 
 
 class StackError(RuntimeError):
@@ -99,7 +103,7 @@ def programs(settings: StackSettings) -> list[Program]:
             | {
                 "TRITON_REPOSITORY": repo,
                 "TRITON_MODEL": settings.model,
-                "TRITON_RUN_DIR": str(paths["run"] / "triton"),
+                "TRITON_RUN_DIR": str(settings.engine_run_dir("triton")),
             },
             stop_wait_s=60,
         ),
@@ -137,6 +141,8 @@ chmod=0700
 
 [supervisord]
 logfile={paths["logs"] / "supervisord.log"}
+logfile_maxbytes={LOG_MAX_BYTES}
+logfile_backups={LOG_BACKUPS}
 pidfile={paths["pidfile"]}
 childlogdir={paths["logs"]}
 directory={ROOT}
@@ -167,8 +173,8 @@ killasgroup=true
 stopwaitsecs={program.stop_wait_s}
 redirect_stderr=true
 stdout_logfile={paths["logs"] / (program.name + ".log")}
-stdout_logfile_maxbytes=20MB
-stdout_logfile_backups=2
+stdout_logfile_maxbytes={LOG_MAX_BYTES}
+stdout_logfile_backups={LOG_BACKUPS}
 """
         )
     return "\n".join(sections)
@@ -379,6 +385,145 @@ def down(settings: StackSettings) -> list[int]:
         return stop_processes(members, timeout_s=settings.stop_timeout_s, first_signal=None)
     except ProcessesSurvived as exc:
         raise StackError(f"processes survived `down`: {exc.pids}") from None
+
+
+# --------------------------------------------------------------------------- new versions
+
+
+@dataclass(frozen=True)
+class EngineVersion:
+    """One engine after ``reload``: the version it serves, the one before, and the newer
+    published versions it refused (version -> why)."""
+
+    engine: str
+    version: int | None
+    before: int | None
+    refused: dict[int, str]
+
+    def describe(self) -> str:
+        line = f"{self.engine:<10} v{self.version}"
+        if self.before != self.version:
+            line += f" (was v{self.before})"
+        return line + "".join(
+            f"\n           refused v{version}: {reason}" for version, reason in self.refused.items()
+        )
+
+
+def _why_not(repo: Path, model: str, version: int) -> str:
+    try:
+        load_version(repo, model, version)
+    except RepositoryError as exc:
+        return str(exc)
+    return "not served (see the engine's log)"
+
+
+def _reload_torchserve(settings: StackSettings, newest: int) -> EngineVersion:
+    from services.torchserve.config import TorchServeSettings
+    from services.torchserve.launcher import TorchServeError, instance_state
+    from services.torchserve.launcher import reload as reload_torchserve
+
+    torchserve = TorchServeSettings(
+        repository=settings.repository.resolve(),
+        model=settings.model,
+        run_dir=settings.torchserve_run_dir,
+    )
+    state = instance_state(torchserve) or {}
+    before = int(state["version"]) if "version" in state else None
+    try:
+        version: int | None = reload_torchserve(torchserve)
+    except (TorchServeError, httpx.HTTPError) as exc:
+        return EngineVersion("torchserve", before, before, {newest: str(exc)})
+    refused = (
+        {}
+        if version == newest
+        else {newest: _why_not(torchserve.repository, settings.model, newest)}
+    )
+    return EngineVersion("torchserve", version, before, refused)
+
+
+def _reload_triton(settings: StackSettings, newest: int) -> EngineVersion:
+    from services.triton.launcher import LauncherError, LocalTriton
+    from services.triton.settings import TritonSettings
+
+    triton = LocalTriton(
+        TritonSettings(
+            repository=settings.repository.resolve(),
+            model=settings.model,
+            run_dir=settings.engine_run_dir("triton"),
+        )
+    )
+    try:
+        result = triton.reload()
+    except LauncherError as exc:
+        return EngineVersion("triton", None, None, {newest: str(exc)})
+    return EngineVersion("triton", result.version, result.before, result.refused)
+
+
+def _predictor_state() -> tuple[int | None, dict[str, str]]:
+    try:
+        body = httpx.get(f"http://127.0.0.1:{_predictor_port()}/readyz", timeout=3.0).json()
+        return int(body["version"]), dict(body.get("refused") or {})
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None, {}
+
+
+def _follow_predictor(newest: int, before: int | None, timeout_s: float) -> EngineVersion:
+    """The predictor loads new versions on its own (hot reload): wait until it serves
+    ``newest`` or has refused it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        version, refused = _predictor_state()
+        if version == newest or str(newest) in refused or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    why = {int(v): reason for v, reason in refused.items() if int(v) == newest}
+    if version != newest and not why:
+        why = {newest: f"not served after {timeout_s:.0f} s"}
+    return EngineVersion("predictor", version, before, why)
+
+
+def _gateway_versions(settings: StackSettings) -> dict[str, str | None]:
+    answer = readiness(settings)
+    engines = answer[1].get("backends") if answer is not None else None
+    if not isinstance(engines, dict):
+        return {}
+    return {
+        name: state.get("version") if isinstance(state, dict) else None
+        for name, state in engines.items()
+    }
+
+
+def reload(settings: StackSettings, timeout_s: float = 300.0) -> list[EngineVersion]:
+    """Bring every engine of the running stack to the newest published version, no restart.
+
+    TorchServe (register, set-default) and Triton (repository API, explicit model control)
+    are asked at once, each through its launcher; the predictor follows on its own (hot
+    reload) and is waited for. A version that fails verification or loading is refused by
+    each engine, which goes on serving the version it had. Returns once the gateway's
+    ``/readyz`` shows what every engine serves.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    if supervisord_pid(settings) is None:
+        raise StackError(
+            f"the stack is not running (no supervisord in {settings.run_dir}); `make up`"
+        )
+    repo = settings.repository.resolve()
+    published = list_versions(repo, settings.model)
+    if not published:
+        raise StackError(f"no published version of {settings.model} in {repo}")
+    newest = published[-1]
+    predictor_before, _ = _predictor_state()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        torchserve = pool.submit(_reload_torchserve, settings, newest)
+        triton = pool.submit(_reload_triton, settings, newest)
+        predictor = _follow_predictor(newest, predictor_before, timeout_s)
+        results = [predictor, torchserve.result(), triton.result()]
+    expected = {r.engine: str(r.version) for r in results}
+    deadline = time.monotonic() + 30.0
+    while _gateway_versions(settings) != expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return results
 
 
 def urls(settings: StackSettings) -> dict[str, str]:

@@ -10,6 +10,11 @@ Settings come from the environment (``TORCHSERVE_*``, see services/torchserve/co
     reload              serve the newest published version (register + set-default, no restart)
     render-config       print the config.properties of a profile (local or compose)
 
+status and reload find the instance the user runs: the one in TORCHSERVE_RUN_DIR when that is
+set, else a running one in runs/torchserve (`make torchserve-up`) or in the stack's
+runs/stack/torchserve (`make up`); reload reads the repository that instance serves
+(TORCHSERVE_REPOSITORY, when set, wins).
+
 --settings prints the TORCHSERVE_* table, then every override in effect (a batching value
 that replaces the model's serving config on this server) beside the model's value.
 """
@@ -19,10 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 
 import httpx
@@ -30,11 +37,13 @@ from pydantic import ValidationError
 
 from services.common.serving import Override, overrides_report, published_serving
 from services.common.settings import settings_table
+from services.stack.settings import locate_run_dir
 from services.torchserve.config import TorchServeSettings, registration, render_profile
 from services.torchserve.launcher import (
     TorchServeError,
     down,
     instance_processes,
+    instance_state,
     reload,
     status,
     up,
@@ -51,7 +60,7 @@ def _foreground(settings: TorchServeSettings) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, _on_signal)
-    instance = up(settings)
+    instance = up(settings, console=True)
     print(f"TorchServe ready in {instance.start_to_ready_s:.1f} s at {settings.inference_url}")
     sys.stdout.flush()
     try:
@@ -62,6 +71,21 @@ def _foreground(settings: TorchServeSettings) -> int:
     finally:
         down(settings)
     return 0
+
+
+def running_instance(settings: TorchServeSettings) -> TorchServeSettings:
+    """``settings`` pointed at the instance the user runs (see the module docstring)."""
+    run_dir = locate_run_dir(
+        "torchserve",
+        "TORCHSERVE_RUN_DIR",
+        settings.run_path,
+        lambda folder: bool(instance_processes(settings.model_copy(update={"run_dir": folder}))),
+    )
+    found = settings.model_copy(update={"run_dir": run_dir})
+    served = (instance_state(found) or {}).get("repository")
+    if served and not os.environ.get("TORCHSERVE_REPOSITORY"):
+        found = found.model_copy(update={"repository": Path(served)})
+    return found
 
 
 def _print_settings(settings: TorchServeSettings) -> None:
@@ -131,13 +155,13 @@ def main(argv: list[str] | None = None) -> int:
             pids = down(settings)
             print(f"stopped (pids {pids})" if pids else "not running")
         elif args.command == "status":
-            report = status(settings)
+            report = status(running_instance(settings))
             print(json.dumps(report, indent=2))
             if not report["running"]:
                 return 3
             return 0 if report.get("ready") else 4
         elif args.command == "reload":
-            print(f"serving {settings.model} v{reload(settings)}")
+            print(f"serving {settings.model} v{reload(running_instance(settings))}")
     except (TorchServeError, httpx.HTTPError) as exc:
         logger.error("%s", exc)
         return 1

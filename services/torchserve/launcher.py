@@ -7,7 +7,9 @@
     <run_dir>/key_file.json       written by TorchServe (token authorization keys)
     <run_dir>/instance.json       pid/process group, ports, version: what `down` and `status` read
     <run_dir>/tmp/                TMPDIR of every process (pid file, worker sockets, extracted .mar)
-    <run_dir>/logs/               LOG_LOCATION / METRICS_LOCATION + torchserve.out (console)
+    <run_dir>/log4j2.xml          services/torchserve/logs.py: each line once, files size-capped
+    <run_dir>/logs/               ts_log.log (or the console, in the foreground), access and
+                                  metrics logs, torchserve.out (the console of a background `up`)
     <run_dir>/model_store/        <model>-v<N>.mar of the served version(s)
 
 then runs ``torchserve --foreground`` as the leader of a new session, so the Python wrapper,
@@ -61,6 +63,7 @@ from services.torchserve.config import (
     registration,
     render_config,
 )
+from services.torchserve.logs import LOG_CONFIG_NAME, MAIN_LOG, render_log_config
 from services.torchserve.workers import READY, ready_workers
 
 logger = logging.getLogger(__name__)
@@ -163,6 +166,11 @@ def instance_processes(settings: TorchServeSettings, pgid: int | None = None) ->
     return found
 
 
+def instance_state(settings: TorchServeSettings) -> dict[str, Any] | None:
+    """What ``up`` recorded in the run folder's ``instance.json`` (None when there is none)."""
+    return _read_instance(settings)
+
+
 def _read_instance(settings: TorchServeSettings) -> dict[str, Any] | None:
     path = settings.run_path / INSTANCE_FILE
     try:
@@ -173,11 +181,13 @@ def _read_instance(settings: TorchServeSettings) -> dict[str, Any] | None:
 
 
 def _log_tail(settings: TorchServeSettings, lines: int = 40) -> str:
-    path = settings.log_dir / CONSOLE_LOG
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no console log)"
+    """The end of the console log and of ``ts_log.log`` (in the foreground both go to the
+    supervisor's log instead, where the caller sees them)."""
+    tails = []
+    for path in (settings.log_dir / CONSOLE_LOG, settings.log_dir / MAIN_LOG):
+        with contextlib.suppress(FileNotFoundError):
+            tails.append("\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+    return "\n".join(tails) or "(no log file: TorchServe logged to the console)"
 
 
 # --------------------------------------------------------------------------- management API
@@ -315,7 +325,12 @@ def _child_env(settings: TorchServeSettings) -> dict[str, str]:
     return env
 
 
-def up(settings: TorchServeSettings) -> Instance:
+#: Size cap of each TorchServe log file, and how many rolled files each keeps.
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_BACKUPS = 2
+
+
+def up(settings: TorchServeSettings, console: bool = False) -> Instance:
     """Start TorchServe serving the configured (default: newest) version; wait until READY."""
     if instance_processes(settings):
         raise TorchServeError(
@@ -340,13 +355,25 @@ def up(settings: TorchServeSettings) -> Instance:
         str(settings.model_store),
         "--ncs",  # no config snapshots: every start is exactly config.properties
     ]
-    with (settings.log_dir / CONSOLE_LOG).open("ab") as console:
+    log_config = settings.run_path / LOG_CONFIG_NAME
+    log_config.write_text(
+        render_log_config(
+            settings.log_dir, console=console, max_bytes=LOG_MAX_BYTES, backups=LOG_BACKUPS
+        )
+    )
+    command += ["--log-config", str(log_config)]
+    # In the foreground TorchServe's console is this process's (a supervisor's log file, which
+    # it rotates); in the background a file that holds only what log4j does not handle.
+    with contextlib.ExitStack() as files:
+        output = (
+            None if console else files.enter_context((settings.log_dir / CONSOLE_LOG).open("ab"))
+        )
         process = subprocess.Popen(
             command,
             cwd=settings.run_path,  # TorchServe writes key_file.json into its cwd
             env=_child_env(settings),
             stdin=subprocess.DEVNULL,
-            stdout=console,
+            stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # own process group: `down` signals all of it
         )
@@ -355,6 +382,7 @@ def up(settings: TorchServeSettings) -> Instance:
         "pgid": process.pid,
         "version": version,
         "model": settings.model,
+        "repository": str(settings.repository_path),
         "inference_url": settings.inference_url,
         "management_url": settings.management_url,
         "metrics_url": settings.metrics_url,

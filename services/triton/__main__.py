@@ -5,6 +5,13 @@ up      generate the python-backend repository, start tritonserver in the backgr
 down    stop it (the whole process group: server and python stubs)
 status  print whether it runs and is ready
 run     generate, then become tritonserver in the foreground (for supervisord)
+reload  serve the newest published version without a restart (Triton's repository API);
+        a version that fails verification or loading is refused, the served one stays
+
+status and reload find the server the user runs: the one of TRITON_RUN_DIR when that is set,
+else a running one in runs/triton (`make triton-up`) or in the stack's runs/stack/triton
+(`make up`); reload reads the repository that server was generated from (TRITON_REPOSITORY,
+when set, wins).
 
 --settings prints the TRITON_* table, then every override in effect (a TRITON_* batching value
 that replaces the model's serving config on this server) beside the model's value.
@@ -13,16 +20,20 @@ that replaces the model's serving config on this server) beside the model's valu
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 import time
+from pathlib import Path
 
 import httpx
 from pydantic import ValidationError
 
 from services.common.serving import overrides_report, published_serving
 from services.common.settings import settings_table
-from services.triton.launcher import LauncherError, LocalTriton
+from services.stack.settings import locate_run_dir
+from services.triton.launcher import SOURCE_FILE, LauncherError, LocalTriton
 from services.triton.settings import TritonSettings
 
 
@@ -34,13 +45,35 @@ def _ready(settings: TritonSettings) -> bool:
         return False
 
 
+def running_server(settings: TritonSettings) -> TritonSettings:
+    """``settings`` pointed at the server the user runs (see the module docstring)."""
+    run_dir = locate_run_dir(
+        "triton",
+        "TRITON_RUN_DIR",
+        settings.run_dir.resolve(),
+        lambda folder: (
+            LocalTriton(settings.model_copy(update={"run_dir": folder})).running_pid() is not None
+        ),
+    )
+    found = settings.model_copy(update={"run_dir": run_dir})
+    try:
+        source = json.loads((found.run_dir / SOURCE_FILE).read_text())
+    except (OSError, ValueError):
+        return found
+    if not os.environ.get("TRITON_REPOSITORY") and isinstance(source, dict):
+        found = found.model_copy(
+            update={"repository": Path(source["repository"]), "model": source["model"]}
+        )
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m services.triton",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", nargs="?", choices=["up", "down", "status", "run"])
+    parser.add_argument("command", nargs="?", choices=["up", "down", "status", "run", "reload"])
     parser.add_argument(
         "--settings",
         action="store_true",
@@ -48,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if not args.settings and args.command is None:
-        parser.error("a command is required (up, down, status or run)")
+        parser.error("a command is required (up, down, status, run or reload)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness poll otherwise
     try:
@@ -84,11 +117,23 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "down":
             print("tritonserver stopped" if triton.stop() else "tritonserver was not running")
         elif args.command == "status":
-            pid = triton.running_pid()
+            found = LocalTriton(running_server(settings))
+            pid = found.running_pid()
             if pid is None:
-                print("tritonserver: not running")
+                print(f"tritonserver: not running (looked in {found.run_dir})")
                 return 3
-            print(f"tritonserver: running (pid {pid}), ready={_ready(settings)}")
+            print(
+                f"tritonserver: running (pid {pid}) from {found.run_dir}, ready={_ready(settings)}"
+            )
+        elif args.command == "reload":
+            result = LocalTriton(running_server(settings)).reload()
+            print(
+                f"tritonserver serves {settings.model} v{result.version}"
+                + ("" if result.before == result.version else f" (was v{result.before})")
+            )
+            for version, reason in result.refused.items():
+                print(f"refused v{version}: {reason}", file=sys.stderr)
+            return 1 if result.refused else 0
         else:
             triton.exec_foreground()
     except LauncherError as exc:

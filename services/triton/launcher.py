@@ -14,6 +14,16 @@ The wheel ships Triton 2.51 with only the python backend. :class:`LocalTriton`:
    no longer sits where its RPATH points) and this Python's ``libpython``;
 4. waits until ``/v2/health/ready`` and the ensemble's ready endpoint answer 200;
 5. stops it by signalling the whole process group (tritonserver and every stub).
+
+New versions without a restart (:meth:`LocalTriton.reload`, ``python -m services.triton
+reload``): the server runs with ``--model-control-mode=explicit`` (every model loaded at start),
+so nothing changes until it is asked. ``reload`` regenerates the twin repository for the newest
+published version (verified first: a version whose files fail their sha256 is refused before
+anything changes) and asks Triton's repository API to load each model, the classifiers first
+and the ensemble last. Triton loads the new version beside the old one and swaps it in
+without losing availability; a load that fails leaves the loaded version serving, and the
+launcher then writes that version's repository back, so that what is on disk is what is
+served.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import contextlib
 import functools
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -37,19 +48,48 @@ from typing import IO
 import httpx
 
 from services.common.processes import ProcessesSurvived, group_members, stop_group, stop_processes
-from services.common.repository import RepositoryError, read_manifest
+from services.common.repository import (
+    TORCHSCRIPT_SUFFIX,
+    RepositoryError,
+    list_versions,
+    load_version,
+    read_manifest,
+)
 from services.triton.model_configs import write_local_repository
+from services.triton.protocol import PREPROCESS_MODEL
 from services.triton.settings import TritonSettings
 
 logger = logging.getLogger(__name__)
 
 STUB_NAME = "triton_python_backend_stub"
 PID_FILE = "tritonserver.pid"
+#: What the running server was generated from (``{"repository", "model"}``), so that ``status``
+#: and ``reload`` from another shell, without TRITON_* variables, act on the same repository.
+SOURCE_FILE = "source.json"
 LOG_FILE = "tritonserver.log"
 
 
 class LauncherError(RuntimeError):
     """tritonserver could not be prepared, started or stopped; the message says why."""
+
+
+@dataclass(frozen=True)
+class Reloaded:
+    """What a reload left: the version served now, the one before, and the newer published
+    versions refused (version -> why); the served version is unchanged by a refusal."""
+
+    version: int | None
+    before: int | None
+    refused: dict[int, str]
+
+
+def _verification_error(repo: Path, model: str, version: int) -> str:
+    """Why ``version`` was not served: its verification error, when it fails verification."""
+    try:
+        load_version(repo, model, version)
+    except RepositoryError as exc:
+        return str(exc)
+    return "not served (see the launcher's log)"
 
 
 @dataclass(frozen=True)
@@ -124,6 +164,11 @@ class LocalTriton:
             )
         except (RepositoryError, ValueError) as exc:  # nothing (verified) to serve, or
             raise LauncherError(str(exc)) from None  # overrides that do not fit: say so
+        origin = {
+            "repository": str(self.settings.repository.resolve()),
+            "model": self.settings.model,
+        }
+        (self.run_dir / SOURCE_FILE).write_text(json.dumps(origin) + "\n")
         manifest = read_manifest(self.settings.repository.resolve(), self.settings.model, version)
         for override in self.settings.overrides(manifest.serving):
             logger.warning("%s", override.describe())
@@ -166,7 +211,9 @@ class LocalTriton:
             "--disable-auto-complete-config",
             "--strict-readiness=true",
             "--exit-on-error=true",
-            "--model-control-mode=none",
+            # Explicit: models change only when `reload` asks, through the repository API.
+            "--model-control-mode=explicit",
+            "--load-model=*",
             # No GPU is needed for the python backend; a pinned pool would ask CUDA for memory.
             "--pinned-memory-pool-byte-size=0",
             "--exit-timeout-secs=10",
@@ -292,6 +339,97 @@ class LocalTriton:
         self.process = None
         self.pid_path.unlink(missing_ok=True)
         return True
+
+    # --- new versions ------------------------------------------------------------------
+
+    def models(self) -> list[str]:
+        """The models of the twin repository in load order: the ensemble's steps, then the
+        ensemble, back to back (its steps run the newest loaded version of each, so the
+        moments in which it mixes versions are the few between these loads), then the
+        TorchScript twin, which is no step of the ensemble and the slowest to load."""
+        names = [self.settings.model, PREPROCESS_MODEL, self.settings.ensemble]
+        if self.settings.torchscript_twin:
+            names.append(self.settings.model + TORCHSCRIPT_SUFFIX)
+        return names
+
+    def served_version(self, client: httpx.Client) -> int | None:
+        """The version of the ensemble Triton serves now (the newest it lists), or None."""
+        try:
+            reply = client.get(
+                f"http://{self.settings.http_url}/v2/models/{self.settings.ensemble}"
+            )
+            if reply.status_code != 200:
+                return None
+            return max(int(v) for v in reply.json()["versions"])
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return None
+
+    def _load_all(self, client: httpx.Client) -> None:
+        base = f"http://{self.settings.http_url}/v2/repository/models"
+        for name in self.models():
+            reply = client.post(f"{base}/{name}/load", json={})
+            if reply.status_code != 200:
+                try:
+                    message = str(reply.json().get("error", reply.text))
+                except ValueError:
+                    message = reply.text
+                raise LauncherError(f"Triton could not load {name}: {message.strip()[:1000]}")
+
+    def reload(self, timeout_s: float = 300.0) -> Reloaded:
+        """Serve the newest published version without a restart (see the module docstring).
+
+        A version that fails verification or loading is refused: the one served before still
+        is, and the answer names the refusal. Raises :class:`LauncherError` when no server
+        runs from this run folder."""
+        if self.running_pid() is None:
+            raise LauncherError(f"no tritonserver runs from {self.run_dir}")
+        repo = self.settings.repository.resolve()
+        published = list_versions(repo, self.settings.model)
+        newest = published[-1] if published else None
+        with httpx.Client(timeout=timeout_s) as client:
+            before = self.served_version(client)
+            try:
+                version = self.prepare()  # verifies the version before changing anything
+            except LauncherError as exc:
+                return self._refused(before, newest, str(exc))
+            if version != before:
+                try:
+                    self._load_all(client)
+                except (LauncherError, httpx.HTTPError) as exc:
+                    if before is not None:
+                        self._restore(client, before)
+                    return self._refused(before, version, str(exc))
+                served = self.served_version(client)
+                if served != version:
+                    raise LauncherError(f"asked Triton to load v{version}; it serves v{served}")
+                logger.info(
+                    "Triton now serves %s v%d (was v%s)", self.settings.model, version, before
+                )
+        refused: dict[int, str] = {}
+        if newest is not None and newest != version:  # passed over by the version walk
+            refused[newest] = _verification_error(repo, self.settings.model, newest)
+        return Reloaded(version, before, refused)
+
+    def _refused(self, served: int | None, version: int | None, reason: str) -> Reloaded:
+        logger.error(
+            "refused %s v%s, still serving v%s: %s", self.settings.model, version, served, reason
+        )
+        return Reloaded(served, served, {version: reason} if version is not None else {})
+
+    def _restore(self, client: httpx.Client, version: int) -> None:
+        """Write the twin repository of ``version`` (the one still served) back in place and
+        load it again, so that a model the failed reload did switch goes back to it too."""
+        try:
+            write_local_repository(
+                self.repository,
+                self.settings.repository.resolve(),
+                self.settings.model,
+                self.settings,
+                version=version,
+            )
+            self._load_all(client)
+        except (RepositoryError, ValueError, LauncherError, httpx.HTTPError) as exc:
+            logger.error("could not put v%d back in place: %s", version, exc)
 
     def log_tail(self, lines: int = 30) -> str:
         try:

@@ -382,7 +382,11 @@ class TritonConfigs(PackagerBase):
 
 
 def write_local_repository(
-    target: Path, source_repo: Path, model: str, settings: TritonSettings
+    target: Path,
+    source_repo: Path,
+    model: str,
+    settings: TritonSettings,
+    version: int | None = None,
 ) -> int:
     """Generate the python-backend repository the local tritonserver serves; return its version.
 
@@ -393,9 +397,10 @@ def write_local_repository(
     fit the model), sets the batching; ``settings`` also gives preprocess's instances and delay:
     a python twin per native model whose version folder holds the generic ``model.py`` and
     links to the published ``model.onnx`` / ``model.pt`` and ``manifest.json``, plus
-    ``preprocess`` and the ensemble. ``target`` is rebuilt from scratch.
+    ``preprocess`` and the ensemble. ``target`` is rebuilt from scratch, once the version is
+    verified. ``version`` (the one a reload leaves in place) replaces the newest.
     """
-    manifest = load_version(source_repo, model).manifest
+    manifest = load_version(source_repo, model, version).manifest
     serving = settings.serving_for(manifest.serving)
     options = PreprocessOptions(
         settings.preprocess_instance_count, settings.preprocess_queue_delay_microseconds
