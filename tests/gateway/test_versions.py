@@ -115,9 +115,7 @@ async def test_error_failover_and_upstream_counters_exist_at_zero_from_the_start
     """A fresh gateway's /metrics already has every known error, failover, upstream-error and
     compare series at 0, so a dashboard's rate() reads 0 rather than "no data"."""
     nowhere = f"http://127.0.0.1:{free_port()}"
-    settings = isolated_settings(
-        predictor_url=nowhere, torchserve_url=nowhere, triton_url=nowhere
-    )
+    settings = isolated_settings(predictor_url=nowhere, torchserve_url=nowhere, triton_url=nowhere)
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
