@@ -70,13 +70,19 @@ def predict_bodies(count: int = 16) -> list[bytes]:
 
 
 def start_predictor(
-    repo: Path, engine: str, cpu: int, max_batch_size: int | None, port: int
+    repo: Path,
+    engine: str,
+    cpu: int,
+    max_batch_size: int | None,
+    port: int,
+    precision: str = "fp32",
 ) -> PinnedProcess:
     """The predictor on ``cpu``; ``max_batch_size`` overrides the model's (None: the model's)."""
     env = {
         "PREDICTOR_REPOSITORY": str(repo),
         "PREDICTOR_PORT": str(port),
         "PREDICTOR_ENGINE": engine,
+        "PREDICTOR_PRECISION": precision,
         "PREDICTOR_POLL_INTERVAL_S": "0",
         "PREDICTOR_LOG_LEVEL": "warning",
         "PREDICTOR_DEVICE": "cpu",
@@ -150,11 +156,13 @@ def ratios(results: list[Result], concurrency: int) -> str:
     )
 
 
-def model_only_ms_per_image(repo: Path, engine: str, cpu: int, batch: int, seconds: float) -> float:
+def model_only_ms_per_image(
+    repo: Path, engine: str, cpu: int, batch: int, seconds: float, precision: str = "fp32"
+) -> float:
     """CPU milliseconds per image of the engine's forward pass alone at ``batch``, on ``cpu``
     with one thread as the server runs it: a floor that no HTTP or batching work gets below."""
     # Imported here: the load generator has no use for torch until the servers are gone.
-    from services.common.runtime import EngineKind, load_model, set_torch_threads
+    from services.common.runtime import EngineKind, Precision, load_model, set_torch_threads
 
     previous = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {cpu})
@@ -167,6 +175,7 @@ def model_only_ms_per_image(repo: Path, engine: str, cpu: int, batch: int, secon
             cast(EngineKind, engine),
             "cpu",
             serving_overrides={"max_batch_size": batch},
+            precision=cast(Precision, precision),
         )
         shape = (batch, *model.spec.shape)
         images = np.random.default_rng(0).standard_normal(shape).astype(np.float32)

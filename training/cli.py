@@ -7,6 +7,7 @@ Usage::
     python -m training export --checkpoint checkpoints/best.pt --out exported/
     python -m training publish --checkpoint checkpoints/best.pt --repo model_repository --keep 5
     python -m training publish --max-batch-size 16 --preferred-batch-sizes 4 8 --instance-count 2
+    python -m training publish --int8                    # + an int8 model, if it passes its gate
     torchrun --nproc-per-node 2 -m training train        # DistributedDataParallel
 
 The serving flags (--max-batch-size, ...) become the version's serving block in its manifest:
@@ -26,6 +27,7 @@ import sys
 import time
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -34,6 +36,9 @@ from training.data import DATASETS
 from training.errors import ConfigError, TrainingError
 from training.models import ARCHITECTURES
 from training.trainer import SCHEDULES, TrainConfig
+
+if TYPE_CHECKING:
+    from training.quantize import GateOptions
 
 EXIT_USER_ERROR = 2
 
@@ -163,6 +168,36 @@ def _add_publish_flags(parser: argparse.ArgumentParser) -> None:
         help="after publishing, delete all but the newest N versions (N >= 1)",
     )
     _add_serving_flags(parser)
+    _add_int8_flags(parser)
+
+
+def _add_int8_flags(parser: argparse.ArgumentParser) -> None:
+    """``--int8`` and its gate (README "int8")."""
+    # The defaults live in training.quantize, which imports torch: repeated here for --help,
+    # checked equal by the tests.
+    g = parser.add_argument_group(
+        "int8", "also publish an int8 ONNX model, only if it passes the accuracy gate"
+    )
+    g.add_argument(
+        "--int8",
+        action="store_true",
+        help="quantize the ONNX model to int8 (static, calibrated on training images)",
+    )
+    g.add_argument(
+        "--int8-margin",
+        type=float,
+        default=0.5,
+        metavar="POINTS",
+        help="most the int8 test accuracy may fall below fp32's, in points (default %(default)s)",
+    )
+    g.add_argument(
+        "--int8-min-agreement",
+        type=float,
+        default=0.99,
+        metavar="FRACTION",
+        help="least share of held-out images where int8's top-1 equals fp32's "
+        "(default %(default)s)",
+    )
 
 
 def _add_serving_flags(parser: argparse.ArgumentParser) -> None:
@@ -228,6 +263,15 @@ def serving_config(args: argparse.Namespace) -> ServingConfig:
         raise ConfigError("invalid serving config: " + "; ".join(problems)) from None
 
 
+def _int8_gate(args: argparse.Namespace) -> GateOptions | None:
+    """The int8 gate the flags ask for; None without ``--int8``."""
+    if not args.int8:
+        return None
+    from training.quantize import GateOptions
+
+    return GateOptions(margin_pp=args.int8_margin, min_agreement=args.int8_min_agreement)
+
+
 def _check_publish_args(args: argparse.Namespace) -> ServingConfig:
     if args.keep is not None and args.keep < 1:
         raise ConfigError(f"--keep must be at least 1, got {args.keep}")
@@ -281,9 +325,9 @@ def run(args: argparse.Namespace) -> int:
     from training.trainer import train
 
     # Checked before any training: a typo in a serving flag costs no minutes.
-    serving = (
-        _check_publish_args(args) if args.command in ("publish", "train-and-publish") else None
-    )
+    publishing = args.command in ("publish", "train-and-publish")
+    serving = _check_publish_args(args) if publishing else None
+    int8 = _int8_gate(args) if publishing else None
     if args.command == "train":
         result = train(_train_config(args))
         if int(os.environ.get("RANK", "0")) == 0:
@@ -299,6 +343,7 @@ def run(args: argparse.Namespace) -> int:
             args.model_name,
             keep=args.keep,
             serving=serving,
+            int8=int8,
         )
         print(f"published {args.model_name} version {version} to {args.repo}")
     else:
@@ -313,6 +358,7 @@ def run(args: argparse.Namespace) -> int:
             args.model_name,
             keep=args.keep,
             serving=serving,
+            int8=int8,
         )
         print(
             f"published {args.model_name} version {version} to {args.repo}: "

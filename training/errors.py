@@ -15,3 +15,7 @@ class ConfigError(TrainingError):
 
 class ParityError(TrainingError):
     """An exported model disagrees with the eager model; nothing is published."""
+
+
+class QuantizationError(TrainingError):
+    """The int8 model failed its accuracy gate (or could not be built); nothing is published."""

@@ -14,7 +14,8 @@ version (``python -m training publish`` does this through :func:`stage_version`)
    the model, committed or not, so a number a crashed publish half-used is skipped, never
    reused). Its staging folder, ``<parent>/.<repo name>.staging-<id>/``, sits beside the
    repository (same file system, so the commit is a rename) and is laid out like it:
-   ``<model>/<v>/`` (the manifest's folder) and ``<model>_torchscript/<v>/``. It is removed
+   ``<model>/<v>/`` (the manifest's folder), ``<model>_torchscript/<v>/`` and, with
+   ``--int8``, ``<model>_int8/<v>/``. It is removed
    when the ``with`` block ends, whatever happened.
 2. :meth:`StagedVersion.commit`: every packager adds its files to the staged ``<model>/<v>/``
    and names the artifacts it added (recorded, with their sha256, in the manifest); the
@@ -55,6 +56,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from services.common.repository import (
+    INT8_SUFFIX,
     MANIFEST_NAME,
     TORCHSCRIPT_SUFFIX,
     Artifact,
@@ -253,9 +255,10 @@ def remove_dir(folder: Path) -> None:
 # --- numbering, lock, staging, commit, prune ---------------------------------------------------
 
 
-def version_folders(model: str) -> tuple[str, str]:
-    """The model folders a version has files in: the manifest's first, then TorchScript's."""
-    return model, model + TORCHSCRIPT_SUFFIX
+def version_folders(model: str) -> tuple[str, ...]:
+    """The model folders a version may have files in: the manifest's first, then TorchScript's
+    and the int8 model's."""
+    return model, model + TORCHSCRIPT_SUFFIX, model + INT8_SUFFIX
 
 
 def next_version(repo: Path, model: str) -> int:
@@ -315,6 +318,11 @@ class StagedVersion:
     def torchscript_dir(self) -> Path:
         """The staged ``<model>_torchscript/<v>/``."""
         return self.root / (self.model + TORCHSCRIPT_SUFFIX) / str(self.version)
+
+    @property
+    def int8_dir(self) -> Path:
+        """The staged ``<model>_int8/<v>/`` (only with ``publish --int8``)."""
+        return self.root / (self.model + INT8_SUFFIX) / str(self.version)
 
     def artifact(self, path: Path) -> Artifact:
         """The manifest entry of a staged file (its path as it will be in the repository)."""

@@ -8,6 +8,8 @@ Layout (Triton's, see README "Model repository")::
     <repo>/<model>/<version>/manifest.json   the commit point: a version exists once this does
     <repo>/<model>_torchscript/config.pbtxt  pytorch_libtorch
     <repo>/<model>_torchscript/<version>/model.pt
+    <repo>/<model>_int8/config.pbtxt         onnxruntime_onnx, int8 (published with --int8)
+    <repo>/<model>_int8/<version>/model.onnx
 
 The manifest lists every artifact with its sha256 (paths relative to the repository root).
 Every engine verifies a version before serving it: the predictor through :func:`load_version`,
@@ -34,6 +36,11 @@ MANIFEST_NAME = "manifest.json"
 ONNX_NAME = "model.onnx"
 TORCHSCRIPT_NAME = "model.pt"
 TORCHSCRIPT_SUFFIX = "_torchscript"
+INT8_SUFFIX = "_int8"
+#: The manifest's artifact keys of the model files.
+ONNX_ARTIFACT = "onnx"
+TORCHSCRIPT_ARTIFACT = "torchscript"
+INT8_ARTIFACT = "onnx_int8"
 MANIFEST_SCHEMA_VERSION = 1
 
 
@@ -43,6 +50,19 @@ class Artifact(BaseModel):
     path: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     bytes: int = Field(ge=0)
+
+
+class Int8Record(BaseModel):
+    """How the version's int8 model did at its accuracy gate (``publish --int8``)."""
+
+    accuracy_fp32: float = Field(ge=0.0, le=1.0)
+    accuracy_int8: float = Field(ge=0.0, le=1.0)
+    top1_agreement: float = Field(ge=0.0, le=1.0)
+    margin_pp: float = Field(ge=0.0)
+    min_agreement: float = Field(ge=0.0, le=1.0)
+    held_out_images: int = Field(ge=1)
+    calibration_images: int = Field(ge=1)
+    calibration_seed: int
 
 
 class Manifest(BaseModel):
@@ -64,6 +84,8 @@ class Manifest(BaseModel):
     artifacts: dict[str, Artifact]
     #: Older manifests carry no block: they are served with the defaults.
     serving: ServingConfig = Field(default_factory=ServingConfig)
+    #: Present when the version was published with an int8 model (artifact ``onnx_int8``).
+    int8: Int8Record | None = None
 
     @property
     def input_spec(self) -> InputSpec:
@@ -76,6 +98,8 @@ class ModelVersion(BaseModel):
     manifest: Manifest
     onnx_path: Path
     torchscript_path: Path
+    #: None when the version has no int8 model.
+    onnx_int8_path: Path | None = None
 
     @property
     def version(self) -> int:
@@ -142,8 +166,10 @@ def load_version(repo: Path, model: str, version: int | None = None) -> ModelVer
             f"{manifest.model} v{manifest.version}"
         )
     verify_artifacts(repo, manifest)
+    int8 = manifest.artifacts.get(INT8_ARTIFACT)
     return ModelVersion(
         manifest=manifest,
-        onnx_path=repo / manifest.artifacts["onnx"].path,
-        torchscript_path=repo / manifest.artifacts["torchscript"].path,
+        onnx_path=repo / manifest.artifacts[ONNX_ARTIFACT].path,
+        torchscript_path=repo / manifest.artifacts[TORCHSCRIPT_ARTIFACT].path,
+        onnx_int8_path=repo / int8.path if int8 else None,
     )

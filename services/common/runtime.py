@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from services.common.errors import IntegrityError, ServiceError
+from services.common.errors import IntegrityError, RepositoryError, ServiceError
 
 if TYPE_CHECKING:
     from services.common.imaging import InputSpec
@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 EngineKind = Literal["torchscript", "onnx"]
+#: ``int8``: the version's int8 ONNX model (``publish --int8``), run by the ONNX engine.
+Precision = Literal["fp32", "int8"]
 FloatArray = npt.NDArray[np.float32]
 
 #: The modules of ``services/common`` that a model folder carries to run without the project
@@ -357,6 +359,7 @@ class LoadedModel:
     version: ModelVersion
     engine: Engine
     serving: ServingConfig
+    precision: Precision = "fp32"
 
     @property
     def name(self) -> str:
@@ -379,6 +382,20 @@ class LoadedModel:
         return str(self.version.manifest.output.get("name", "logits"))
 
 
+def model_file(version: ModelVersion, kind: EngineKind, precision: Precision) -> Path:
+    """The file of ``version`` that an engine of ``kind`` runs at ``precision``."""
+    if precision == "fp32":
+        return version.torchscript_path if kind == "torchscript" else version.onnx_path
+    if kind != "onnx":
+        raise EngineError(f"int8 is an ONNX model: the {kind} engine cannot run it (use onnx)")
+    if version.onnx_int8_path is None:
+        raise RepositoryError(
+            f"{version.manifest.model} v{version.version} has no int8 model "
+            "(publish it with `python -m training publish --int8`)"
+        )
+    return version.onnx_int8_path
+
+
 def load_model(
     repo: Path,
     model: str,
@@ -392,17 +409,19 @@ def load_model(
     optimize: bool = True,
     serving_overrides: Mapping[str, Any] | None = None,
     warmup_runs: int = 2,
+    precision: Precision = "fp32",
 ) -> LoadedModel:
     """Verify (every artifact's sha256, once), build and warm up a version of the repository;
     None is the newest. ``serving_overrides`` replace fields of the version's serving config
     (a server's own settings); warm-up covers the batch sizes up to its ``max_batch_size``.
+    ``precision`` ``int8`` runs the version's int8 model, which only the ONNX engine runs.
     Raises RepositoryError or EngineError on any failure."""
     from services.common.repository import load_version
     from services.common.serving import ServingConfigError, with_overrides
 
     start = time.perf_counter()
     verified = load_version(repo, model, version)
-    path = verified.torchscript_path if kind == "torchscript" else verified.onnx_path
+    path = model_file(verified, kind, precision)
     engine = create_engine(
         kind,
         path,
@@ -416,14 +435,15 @@ def load_model(
         serving = with_overrides(verified.manifest.serving, serving_overrides or {})
     except ServingConfigError as exc:
         raise EngineError(f"v{verified.version}: {exc}") from None
-    loaded = LoadedModel(version=verified, engine=engine, serving=serving)
+    loaded = LoadedModel(version=verified, engine=engine, serving=serving, precision=precision)
     sizes = warmup_sizes(serving.max_batch_size)
     warm_up(engine, loaded.spec.shape, len(loaded.labels), sizes, warmup_runs, f"v{loaded.number}")
     logger.info(
-        "loaded %s v%d (%s on %s) in %.2fs",
+        "loaded %s v%d (%s %s on %s) in %.2fs",
         model,
         loaded.number,
         kind,
+        precision,
         device,
         time.perf_counter() - start,
     )

@@ -127,6 +127,7 @@ def default_loader(settings: PredictorSettings, device: str) -> Loader:
             optimize=settings.jit_optimize,
             serving_overrides=settings.serving_overrides(),  # warm-up sizes follow them
             warmup_runs=settings.warmup_runs,
+            precision=settings.precision,
         )
 
     return load
@@ -292,6 +293,7 @@ def create_app(settings: PredictorSettings | None = None, loader: Loader | None 
             "model": model.name,
             "version": model.number,
             "engine": model.engine.kind,
+            "precision": model.precision,
             "device": model.engine.device,
             "serving": model.serving.model_dump(mode="json"),
             "serving_overrides": settings.serving_overrides(),

@@ -46,6 +46,8 @@ class PredictorSettings(ServiceSettings):
     """Serve exactly this version (no hot reload); unset serves the newest and follows new ones."""
     engine: EngineName = "torchscript"
     """Inference engine: `torchscript` (torch) or `onnx` (ONNX Runtime)."""
+    precision: Literal["fp32", "int8"] = "fp32"
+    """`int8` serves the version's int8 model (published with `--int8`; ONNX engine only)."""
     device: str = "auto"
     """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."""
     fp16: bool = False
@@ -101,6 +103,14 @@ class PredictorSettings(ServiceSettings):
         ):
             return value
         raise ValueError("device must be auto, cpu, cuda or cuda:N")
+
+    @model_validator(mode="after")
+    def _int8_runs_on_onnx(self) -> PredictorSettings:
+        if self.precision == "int8" and self.engine != "onnx":
+            raise ValueError(
+                "PREDICTOR_PRECISION=int8 needs PREDICTOR_ENGINE=onnx: the int8 model is ONNX"
+            )
+        return self
 
     @model_validator(mode="after")
     def _queue_holds_a_batch(self) -> PredictorSettings:

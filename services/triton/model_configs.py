@@ -11,7 +11,12 @@ model                      platform/backend   what it is
 ``<model>_torchscript``    pytorch_libtorch   the same network as TorchScript (native)
 ``preprocess``             python             encoded image bytes -> normalised FP32 CHW
 ``<model>_ensemble``       ensemble           IMAGE -> preprocess -> <model> -> LOGITS
+``<model>_int8``           onnxruntime_onnx   the int8 model (versions published with --int8)
+``<model>_int8_ensemble``  ensemble           IMAGE -> preprocess -> <model>_int8 -> LOGITS
 =========================  =================  ===============================================
+
+The int8 pair exists once a version with an int8 model was published; a later version without
+one leaves it serving the newest version that had one.
 
 The local launcher has only Triton's python backend, so it serves *twins*: python-backend
 configs with the native models' names, inputs and outputs, run by one generic ``model.py``
@@ -43,6 +48,8 @@ from services.common.publishing import (
     write_version_dir,
 )
 from services.common.repository import (
+    INT8_ARTIFACT,
+    INT8_SUFFIX,
     MANIFEST_NAME,
     TORCHSCRIPT_SUFFIX,
     Manifest,
@@ -77,7 +84,7 @@ TWIN_SOURCE = MODELS_DIR / "twin.py"
 DEFAULT_PREPROCESS_INSTANCE_COUNT = 1
 DEFAULT_PREPROCESS_QUEUE_DELAY_US = 100
 
-Runtime = Literal["onnxruntime", "torchscript"]
+Runtime = Literal["onnxruntime", "torchscript", "onnxruntime_int8"]
 _TRITON_DTYPES = {
     "FP16", "FP32", "FP64", "BF16", "INT8", "INT16", "INT32", "INT64",
     "UINT8", "UINT16", "UINT32", "UINT64", "BOOL", "STRING",
@@ -202,7 +209,27 @@ def _header(name: str, engine: str, max_batch_size: int) -> str:
 _NATIVE_PLATFORMS: dict[Runtime, str] = {
     "onnxruntime": "onnxruntime_onnx",
     "torchscript": "pytorch_libtorch",
+    "onnxruntime_int8": "onnxruntime_onnx",
 }
+#: The manifest's artifact each runtime's model folder holds, and the folder's name suffix.
+_ARTIFACTS: dict[Runtime, tuple[str, str]] = {
+    "onnxruntime": ("onnx", ""),
+    "torchscript": ("torchscript", TORCHSCRIPT_SUFFIX),
+    "onnxruntime_int8": (INT8_ARTIFACT, INT8_SUFFIX),
+}
+
+
+def runtimes(manifest: Manifest) -> list[Runtime]:
+    """The classifier models a version has: ONNX and TorchScript, and int8 when published."""
+    found: list[Runtime] = ["onnxruntime", "torchscript"]
+    if INT8_ARTIFACT in manifest.artifacts:
+        found.append("onnxruntime_int8")
+    return found
+
+
+def model_name(manifest: Manifest, runtime: Runtime) -> str:
+    """The Triton model name of ``runtime``'s classifier (``classifier_int8``, ...)."""
+    return manifest.model + _ARTIFACTS[runtime][1]
 
 
 def _classifier_config(
@@ -211,9 +238,8 @@ def _classifier_config(
     serving = serving or manifest.serving
     max_batch_size, preferred = triton_batching(serving)
     model_in, model_out = input_tensor(manifest), output_tensor(manifest)
-    name = manifest.model
+    name = model_name(manifest, runtime)
     if runtime == "torchscript":
-        name += TORCHSCRIPT_SUFFIX
         model_in = Tensor(TORCHSCRIPT_INPUT, model_in.dtype, model_in.dims)
         model_out = Tensor(TORCHSCRIPT_OUTPUT, model_out.dtype, model_out.dims)
     if python_twin:
@@ -274,8 +300,16 @@ def preprocess_config(
     )
 
 
-def ensemble_config(manifest: Manifest, serving: ServingConfig | None = None) -> str:
-    """``<model>_ensemble``: IMAGE -> preprocess -> <model> -> LOGITS (labels attached).
+def int8_config(manifest: Manifest, serving: ServingConfig | None = None) -> str:
+    """Native ``<model>_int8/config.pbtxt``: the int8 QDQ model on ONNX Runtime."""
+    return _classifier_config(manifest, serving, "onnxruntime_int8", python_twin=False)
+
+
+def ensemble_config(
+    manifest: Manifest, serving: ServingConfig | None = None, runtime: Runtime = "onnxruntime"
+) -> str:
+    """``<model>_ensemble``: IMAGE -> preprocess -> <model> -> LOGITS (labels attached); with
+    ``runtime`` ``onnxruntime_int8``, ``<model>_int8_ensemble`` over the int8 model.
 
     Both steps use the newest loaded version (-1); publish writes preprocess and classifier
     versions with the same numbers, so the newest of each belong together. ``label_filename``
@@ -291,7 +325,7 @@ def ensemble_config(manifest: Manifest, serving: ServingConfig | None = None) ->
         f'      output_map {{ key: {_q(PREPROCESSED_OUTPUT)} value: "preprocessed" }}\n'
         "    },\n"
         "    {\n"
-        f"      model_name: {_q(manifest.model)}\n      model_version: -1\n"
+        f"      model_name: {_q(model_name(manifest, runtime))}\n      model_version: -1\n"
         f'      input_map {{ key: {_q(model_in.name)} value: "preprocessed" }}\n'
         f"      output_map {{ key: {_q(model_out.name)} value: {_q(LOGITS_OUTPUT)} }}\n"
         "    }\n"
@@ -299,7 +333,9 @@ def ensemble_config(manifest: Manifest, serving: ServingConfig | None = None) ->
     )
     return (
         _header(
-            manifest.model + ENSEMBLE_SUFFIX, 'platform: "ensemble"', triton_batching(serving)[0]
+            model_name(manifest, runtime) + ENSEMBLE_SUFFIX,
+            'platform: "ensemble"',
+            triton_batching(serving)[0],
         )
         + f"input {_tensor_block([Tensor(IMAGE_INPUT, 'STRING', (1,))])}"
         + "output "
@@ -332,10 +368,13 @@ def write_pipeline(
         repo / PREPROCESS_MODEL / CONFIG_FILE, preprocess_config(manifest, serving, options)
     )
     write_version_dir(repo / PREPROCESS_MODEL, manifest.version, preprocess_files(manifest))
-    ensemble_dir = repo / (manifest.model + ENSEMBLE_SUFFIX)
-    write_text_atomic(ensemble_dir / CONFIG_FILE, ensemble_config(manifest, serving))
-    write_text_atomic(ensemble_dir / LABELS_FILE, _labels_text(manifest))
-    write_version_dir(ensemble_dir, manifest.version, {})  # an ensemble's version folder is empty
+    for runtime in runtimes(manifest):
+        if runtime == "torchscript":
+            continue  # the TorchScript model is served alone, without an ensemble
+        ensemble_dir = repo / (model_name(manifest, runtime) + ENSEMBLE_SUFFIX)
+        write_text_atomic(ensemble_dir / CONFIG_FILE, ensemble_config(manifest, serving, runtime))
+        write_text_atomic(ensemble_dir / LABELS_FILE, _labels_text(manifest))
+        write_version_dir(ensemble_dir, manifest.version, {})  # an ensemble's folder is empty
 
 
 def write_triton_models(repo: Path, manifest: Manifest) -> None:
@@ -349,8 +388,8 @@ def write_triton_models(repo: Path, manifest: Manifest) -> None:
     """
     labels = _labels_text(manifest)
     natives = {
-        manifest.model: onnx_config(manifest),
-        manifest.model + TORCHSCRIPT_SUFFIX: torchscript_config(manifest),
+        model_name(manifest, runtime): _classifier_config(manifest, None, runtime, False)
+        for runtime in runtimes(manifest)
     }
     for name, config in natives.items():
         write_text_atomic(repo / name / CONFIG_FILE, config)
@@ -364,8 +403,9 @@ def remove_versions(repo: Path, model: str, versions: Iterable[int]) -> None:
     Publish's pruning calls this (:class:`TritonConfigs`) beside removing the classifier's own
     version folders; each is renamed out of Triton's view at once, then removed.
     """
+    ensembles = (model + ENSEMBLE_SUFFIX, model + INT8_SUFFIX + ENSEMBLE_SUFFIX)
     for version in versions:
-        for model_dir in (repo / PREPROCESS_MODEL, repo / (model + ENSEMBLE_SUFFIX)):
+        for model_dir in (repo / PREPROCESS_MODEL, *(repo / name for name in ensembles)):
             remove_dir(model_dir / str(version))
 
 
@@ -408,13 +448,12 @@ def write_local_repository(
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
-    twins: list[tuple[Runtime, str]] = [("onnxruntime", "onnx")]
-    if settings.torchscript_twin:
-        twins.append(("torchscript", "torchscript"))
+    twins = [r for r in runtimes(manifest) if r != "torchscript" or settings.torchscript_twin]
     published_manifest = version_dir(source_repo, model, manifest.version) / MANIFEST_NAME
-    for runtime, artifact_key in twins:
+    for runtime in twins:
+        artifact_key = _ARTIFACTS[runtime][0]
         config = twin_config(manifest, runtime, serving)
-        model_dir = target / (model if runtime == "onnxruntime" else model + TORCHSCRIPT_SUFFIX)
+        model_dir = target / model_name(manifest, runtime)
         write_text_atomic(model_dir / CONFIG_FILE, config)
         write_text_atomic(model_dir / LABELS_FILE, _labels_text(manifest))
         twin_files: dict[str, FileSource] = {"model.py": TWIN_SOURCE, **portable_files()}

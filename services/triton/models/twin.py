@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 #: The config's ``runtime`` parameter -> (the runtime's engine kind, the manifest's artifact).
 _RUNTIMES: dict[str, tuple[EngineKind, str]] = {
     "onnxruntime": ("onnx", "onnx"),
+    "onnxruntime_int8": ("onnx", "onnx_int8"),
     "torchscript": ("torchscript", "torchscript"),
 }
 WARMUP_RUNS = 2
