@@ -11,7 +11,7 @@ TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: help install train-and-publish test lint gpu-check clean \
-	triton-up triton-down triton-status triton-bench up down reload status compose-check k8s-check bench gateway bench-gateway predictor predictor-bench \
+	triton-up triton-down triton-status triton-bench up down reload status compose-check k8s-check bench gateway bench-gateway predictor predictor-bench precision-bench \
 	torchserve-up torchserve-down torchserve-status torchserve-reload torchserve-bench
 
 help: ## list targets
@@ -119,3 +119,6 @@ predictor: install ## run the FastAPI predictor on $(REPO) (port 8100; every set
 predictor-bench: install ## predictor req/s, p50/p99 at concurrency 1/8/32, batching on/off, vs its /noop ceiling
 	mkdir -p reports
 	$(PY) -m loadtests.predictor_bench --repo $(REPO) --json reports/predictor-bench.json
+
+precision-bench: install ## int8 vs fp32 (a version published with --int8): model-only images/s and predictor req/s
+	$(PY) -m loadtests.precision_bench --repo $(REPO)
