@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 .PHONY: help install train-and-publish test lint gpu-check clean \
 	triton-up triton-down triton-status triton-bench up down reload status compose-check k8s-check bench gateway bench-gateway predictor predictor-bench precision-bench \
-	torchserve-up torchserve-down torchserve-status torchserve-reload torchserve-bench
+	torchserve-up torchserve-down torchserve-status torchserve-reload torchserve-bench perf-analyzer
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -70,6 +70,11 @@ gpu-check: install ## on a CUDA host: the tests marked gpu, then engine throughp
 clean: ## remove generated models, checkpoints, run folders and reports (keeps .venv)
 	rm -rf checkpoints runs reports
 	find $(REPO) -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
+
+PERF_ANALYZER_ARGS ?=
+
+perf-analyzer: install ## Triton's perf_analyzer (set up once in .cache/) against predictor, Triton and TorchServe: one table
+	$(PY) -m loadtests.perf_analyzer_bench --repo $(REPO) $(PERF_ANALYZER_ARGS)
 
 # --- Triton (local tritonserver from the nvidia-pytriton wheel) -------------------------------
 TRITON_BENCH_ENV := TRITON_RUN_DIR=runs/triton-bench TRITON_HTTP_PORT=8210 TRITON_GRPC_PORT=8211 TRITON_METRICS_PORT=8212

@@ -253,10 +253,15 @@ class PinnedProcess:
 
 
 def service(
-    name: str, env: Mapping[str, str], cpus: Collection[int] | None, port: int
+    name: str,
+    env: Mapping[str, str],
+    cpus: Collection[int] | None,
+    port: int,
+    log: Path | None = None,
 ) -> PinnedProcess:
     """``python -m services.<name>`` configured only by ``env`` (the caller's own ``<NAME>_*``
-    variables are dropped); ready once ``GET /readyz`` on ``port`` answers 200."""
+    variables are dropped); ready once ``GET /readyz`` on ``port`` answers 200; its output
+    into ``log`` when given."""
     prefix = f"{name.upper()}_"
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(prefix)}
     return PinnedProcess(
@@ -265,6 +270,7 @@ def service(
         inherited | dict(env),
         cpus=cpus,
         ready=http_ready(f"http://127.0.0.1:{port}/readyz"),
+        log=log,
     )
 
 
