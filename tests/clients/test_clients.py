@@ -9,7 +9,8 @@ this project asks of the predictor, the test says so and checks what Triton real
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ INPUT = "input"
 OUTPUT = "logits"
 BATCH = 8
 PROTOCOLS = ["http", "grpc"]
+STATS_SETTLE_S = 10.0
 #: tritonclient's encodings: HTTP sends JSON or the binary tensor extension, gRPC protobuf.
 ENCODINGS = [("http", "json"), ("http", "binary"), ("grpc", "protobuf")]
 
@@ -48,6 +50,18 @@ def _ints(values: Any) -> list[int]:
 def _count(stat: dict[str, Any]) -> tuple[int, int]:
     """(count, ns) of one statistics entry (gRPC's JSON leaves zeros out)."""
     return int(stat.get("count", 0)), int(stat.get("ns", 0))
+
+
+def _settled(read: Callable[[], dict[str, Any]], done: Callable[[dict[str, Any]], bool]) -> Any:
+    """Statistics once ``done`` holds for them: Triton records a request's figures after its
+    answer has left, so a read right after the answer may not count it yet. The last read
+    when it never holds (the assertion after it then says what is wrong)."""
+    deadline = time.monotonic() + STATS_SETTLE_S
+    while True:
+        stats = read()
+        if done(stats) or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.05)
 
 
 class Failure(Exception):
@@ -264,10 +278,13 @@ def test_statistics_count_what_ran(
     client = clients[protocol]
     before = client.statistics(MODEL)
     client.infer(MODEL, INPUT, fp32_images[:BATCH], "FP32", output=OUTPUT)
-    after = client.statistics(MODEL)
+    success_before = _count(before["inference_stats"]["success"])
+    after = _settled(
+        lambda: client.statistics(MODEL),
+        lambda stats: _count(stats["inference_stats"]["success"])[0] > success_before[0],
+    )
     assert after["name"] == MODEL
     success = _count(after["inference_stats"]["success"])
-    success_before = _count(before["inference_stats"]["success"])
     assert success[0] == success_before[0] + 1
     assert success[1] > success_before[1], "the cumulative duration grows"
     assert int(after["inference_count"]) == int(before.get("inference_count", 0)) + BATCH
@@ -458,8 +475,11 @@ def test_perf_analyzer_completes_without_errors(
     )
     assert result.requests >= requests
     assert result.throughput > 0
-    after = _count(clients["http"].statistics(model)["inference_stats"]["success"])[0]
-    assert after - before >= requests
+    stats = _settled(
+        lambda: clients["http"].statistics(model),
+        lambda stats: _count(stats["inference_stats"]["success"])[0] - before >= requests,
+    )
+    assert _count(stats["inference_stats"]["success"])[0] - before >= requests
 
 
 # --------------------------------------------------------------------------- bad input
@@ -525,7 +545,11 @@ def test_bad_input_is_the_callers_error(
         assert caught.value.message, "the answer says what was wrong"
     if case == "undecodable BYTES":
         assert "not_an_image" in caught.value.message
-        fails = _count(clients["http"].statistics(ENSEMBLE)["inference_stats"]["fail"])[0]
+        stats = _settled(
+            lambda: clients["http"].statistics(ENSEMBLE),
+            lambda stats: _count(stats["inference_stats"]["fail"])[0] > fails_before,
+        )
+        fails = _count(stats["inference_stats"]["fail"])[0]
         assert fails > fails_before, "the ensemble's fail count moves"
     # The service stays ready and answers the next good request.
     assert client.client.is_server_ready()
