@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram
 from prometheus_client import generate_latest as _generate_latest
@@ -110,6 +110,16 @@ class RequestMetrics:
             self.duration(scope["method"], route_label(scope), str(status)).observe(
                 time.perf_counter() - start
             )
+
+
+#: The OpenAPI ``responses`` of every ``GET /metrics``: Prometheus text, not JSON (FastAPI would
+#: document a route that returns a plain ``Response`` as JSON).
+METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Prometheus text exposition format",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+}
 
 
 def metrics_response(registry: CollectorRegistry) -> Response:

@@ -28,7 +28,6 @@ from urllib.parse import parse_qs
 
 import orjson
 from fastapi import FastAPI, Request, Response
-from pydantic import ValidationError
 from starlette.datastructures import MutableHeaders
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -37,14 +36,17 @@ from services.common.errors import (
     REQUEST_ID_HEADER,
     BadRequest,
     ServiceError,
-    Unprocessable,
-    describe_validation,
 )
 from services.common.heap import freeze_startup_heap
 from services.common.http import NO_FASTAPI_TELEMETRY, install_service_middleware
 from services.common.imaging import ImageDecodeError, decode_base64
-from services.common.metrics import labelled, metrics_response
-from services.common.schemas import ErrorResponse, PredictRequest, PredictResponse, require_json
+from services.common.metrics import METRICS_RESPONSES, labelled, metrics_response
+from services.common.schemas import (
+    ErrorResponse,
+    PredictRequest,
+    PredictResponse,
+    parse_predict_request,
+)
 from services.gateway.backends import Backend, EncodedImage, create_backends
 from services.gateway.metrics import ALL_BACKENDS, NO_BACKEND, GatewayMetrics
 from services.gateway.resilience import EngineGuard
@@ -145,14 +147,7 @@ def parse_body(
     body: bytes, content_type: str, max_images: int
 ) -> tuple[PredictRequest, list[EncodedImage]]:
     """Validate a ``/predict`` body; every failure is the caller's and raises a 4xx."""
-    require_json(content_type)
-    try:
-        request = PredictRequest.model_validate_json(body)
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False)
-        if any(err.get("type") == "json_invalid" for err in errors):
-            raise BadRequest("request body is not valid JSON", "invalid_json") from None
-        raise Unprocessable(describe_validation(errors), "invalid_request") from None
+    request = parse_predict_request(body, content_type)
     texts = request.image_texts(max_images)
     images = []
     for index, text in enumerate(texts):
@@ -344,7 +339,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         payload.update(error="no engine is ready", code="not_ready")
         return json_response(payload, 503)
 
-    @app.get("/metrics", tags=["ops"])
+    @app.get("/metrics", tags=["ops"], response_class=Response, responses=METRICS_RESPONSES)
     async def prometheus_metrics() -> Response:
         """Prometheus text format."""
         return metrics_response(metrics.registry)

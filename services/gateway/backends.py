@@ -26,6 +26,7 @@ to another engine, :class:`EngineTimeout` becomes a 504.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,8 @@ from services.triton.protocol import (
     ensemble_name,
     parse_error,
 )
+
+logger = logging.getLogger(__name__)
 
 Predictions = list[list[dict[str, Any]]]
 
@@ -339,27 +342,37 @@ class TorchServeKeys:
         self.path = path
         self._stamp: tuple[int, int] | None = None
         self._keys: Keys | None = None
+        self._reported: str | None = None  # the last reason logged
 
     def get(self) -> Keys | None:
-        """The current keys; None when token authorization is off (no key file configured)."""
+        """The current keys; None when token authorization is off (no key file configured).
+
+        The error says what is wrong with the key file but not where it is: its message
+        reaches ``/readyz`` and callers' 503s. The path goes to the log, once per new reason.
+        """
         if self.path is None:
             return None
         try:
             stat = self.path.stat()
         except OSError as exc:
-            raise EngineUnavailable(
-                f"torchserve key file {self.path} is unreadable: {exc.strerror}", "engine_auth"
-            ) from None
+            raise self._unusable(f"is unreadable: {exc.strerror}") from None
         stamp = (stat.st_mtime_ns, stat.st_size)
         if stamp != self._stamp or self._keys is None:
             try:
                 self._keys = read_keys(self.path)
-            except (OSError, ValueError) as exc:
-                raise EngineUnavailable(
-                    f"torchserve key file {self.path} is unusable: {exc}", "engine_auth"
-                ) from None
+            except OSError as exc:
+                raise self._unusable(f"is unreadable: {exc.strerror}") from None
+            except ValueError:
+                raise self._unusable("holds no inference and management keys") from None
             self._stamp = stamp
+            self._reported = None
         return self._keys
+
+    def _unusable(self, reason: str) -> EngineUnavailable:
+        if reason != self._reported:
+            logger.warning("torchserve key file %s %s", self.path, reason)
+            self._reported = reason
+        return EngineUnavailable(f"torchserve key file {reason}", "engine_auth")
 
     def forget(self) -> None:
         self._stamp = None

@@ -58,7 +58,13 @@ logger = logging.getLogger(__name__)
 
 
 class _BreakerLog(CircuitBreakerListener):  # type: ignore[misc]  # aiobreaker ships no types
-    """Remembers when the breaker opened (monotonic clock) and logs every change."""
+    """Remembers when the breaker opened (monotonic clock) and logs every real change.
+
+    aiobreaker tells its listeners about every ``open()``, also one that finds the breaker
+    open already: each call that was in flight when the breaker opened and fails afterwards
+    opens it again. Those restart the open period (so ``opened_at`` follows them) but are not
+    a change of state, and logging them would give one line per failed call.
+    """
 
     def __init__(self, guard: EngineGuard) -> None:
         self.guard = guard
@@ -67,10 +73,13 @@ class _BreakerLog(CircuitBreakerListener):  # type: ignore[misc]  # aiobreaker s
         state = getattr(new, "state", None)
         if state == BreakerState.OPEN:
             self.guard.opened_at = time.monotonic()
+        previous = getattr(old, "state", None)
+        if previous == state:
+            return
         logger.warning(
             "circuit breaker of %s: %s -> %s",
             self.guard.name,
-            getattr(getattr(old, "state", None), "name", "?"),
+            getattr(previous, "name", "?"),
             getattr(state, "name", "?"),
         )
 

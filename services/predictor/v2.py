@@ -45,6 +45,7 @@ from services.common.errors import (
 )
 from services.common.imaging import decode_and_preprocess
 from services.common.runtime import FloatArray, LoadedModel
+from services.common.schemas import ErrorResponse
 from services.predictor import SERVER_NAME, SERVER_VERSION
 from services.predictor.batcher import Decoder, RequestTiming
 from services.predictor.state import PredictorState, StateDep
@@ -708,7 +709,14 @@ def _json(payload: Any) -> Response:
     return Response(orjson.dumps(payload), media_type="application/json")
 
 
-router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
+#: What every v2 route may answer besides its success, in the services' error shape: a tensor
+#: that does not fit (400), a model or version this server does not have (404), too many
+#: images (413), no model ready yet or a full queue (503), the request timeout (504).
+_V2_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 404, 413, 503, 504)
+}
+
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"], responses=_V2_ERRORS)
 
 
 @router.get("", response_model=ServerMetadata)

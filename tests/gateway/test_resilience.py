@@ -3,6 +3,8 @@ in front of the real engines, plus one fake engine that stalls on purpose."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections import Counter
 from pathlib import Path
@@ -64,6 +66,34 @@ async def test_a_stalling_engine_gives_504_within_its_timeout(
         assert 'gateway_upstream_errors_total{backend="predictor",kind="timeout"} 2.0' in metrics
 
 
+async def test_the_breaker_logs_only_real_transitions(
+    stalling_server: StallingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Calls in flight when the breaker opens fail after it did, and each reopens it; the
+    calls after it are refused by the open breaker. Neither is a state change to log: one
+    CLOSED -> OPEN line, no OPEN -> OPEN."""
+    settings = isolated_settings(
+        backends=["predictor"],
+        predictor_url=stalling_server.url,
+        predictor_timeout_s=0.3,
+        predictor_coalesce_calls=0,  # every request its own engine call
+        breaker_failures=2,
+        breaker_reset_s=300,
+        failover=False,
+    )
+    body = {"image": b64(b"not looked at: the engine stalls")}
+    caplog.set_level(logging.WARNING, logger="services.gateway.resilience")
+    async with gateway_app(settings) as (client, state):
+        in_flight = await asyncio.gather(*(client.post("/predict", json=body) for _ in range(6)))
+        assert [r.status_code for r in in_flight] == [504] * 6
+        refused = [await client.post("/predict", json=body) for _ in range(3)]
+        assert {r.status_code for r in refused} == {503}, [r.text for r in refused]
+        assert state.guards["predictor"].breaker_state == "open"
+    assert stalling_server.predict_calls == 6
+    transitions = [r.getMessage() for r in caplog.records if "circuit breaker of" in r.getMessage()]
+    assert transitions == ["circuit breaker of predictor: CLOSED -> OPEN"]
+
+
 async def test_without_failover_a_dead_engine_is_a_503(
     engines: Engines, published_model: PublishedModel
 ) -> None:
@@ -102,6 +132,33 @@ async def test_no_engine_at_all_is_a_503_and_not_ready() -> None:
         compare = await client.post("/predict?backend=all", json={"image": b64(b"anything")})
         assert compare.status_code == 503
         assert compare.json()["agree"] is None
+
+
+async def test_readiness_and_errors_name_no_internal_path(tmp_path: Path) -> None:
+    """An unusable TorchServe key file is reported by what is wrong with it, never where it
+    is: /readyz and a caller's 503 are public, the folder layout of the host is not."""
+    key_file = tmp_path / "secret-run-folder" / "key_file.json"
+    settings = isolated_settings(
+        backends=["torchserve"],
+        default_backend="torchserve",
+        torchserve_url=closed_port_url(),
+        torchserve_management_url=closed_port_url(),
+        torchserve_key_file=key_file,
+        connect_timeout_s=0.5,
+    )
+    async with gateway_app(settings) as (client, _):
+        readiness = await client.get("/readyz")
+        detail = readiness.json()["backends"]["torchserve"]["detail"]
+        assert detail == "torchserve key file is unreadable: No such file or directory"
+        key_file.parent.mkdir()
+        key_file.write_text("{not json")
+        response = await client.post("/predict", json={"image": b64(b"anything")})
+        assert response.status_code == 503, response.text
+        await client.get("/readyz")  # the poller runs on its own; this asks again
+        state_detail = (await client.get("/readyz")).text
+    for answer in (readiness.text, response.text, state_detail):
+        assert str(tmp_path) not in answer
+        assert "secret-run-folder" not in answer
 
 
 async def test_a_request_to_an_engine_that_just_died_is_retried_elsewhere(

@@ -70,10 +70,23 @@ def _cases(good: str, good_png: bytes) -> list[Case]:
         Case("too many images", 413, "too_many_images", json={"images": [good] * 65}),
         Case(
             "non-json body",
-            422,
-            "invalid_request",
+            400,
+            "invalid_json",
             content=b"{this is not json",
             headers={"content-type": "application/json"},
+        ),
+        Case(
+            "json nested past the parser's limit",
+            400,
+            "invalid_json",
+            content=b'{"image": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+            headers={"content-type": "application/json"},
+        ),
+        Case(
+            "image null beside images",
+            422,
+            "invalid_request",
+            json={"image": None, "images": [good]},
         ),
         Case(
             "text/plain body",
