@@ -41,6 +41,12 @@ def png_bomb(width: int = 20_000, height: int = 20_000) -> bytes:
     )
 
 
+def sixteen_bit_png(width: int = 8000, height: int = 5000) -> bytes:
+    """A real 16-bit grayscale PNG, 40 megapixels by default: its zeros compress to under
+    100 KB, and decoded it is 80 MB (more, converted): the decode-amplification case."""
+    return encode(Image.fromarray(np.zeros((height, width), dtype=np.uint16)), "PNG")
+
+
 #: Variants that carry exactly the pixels of the source image (so the eager model's answer).
 LOSSLESS = ("png_16bit", "gif", "webp_lossless", "bmp", "tiff")
 

@@ -26,6 +26,10 @@ DATASETS = ("digits", "cifar10", "imagefolder")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 #: Images sampled from the training split to estimate the per-channel mean and std.
 STATS_SAMPLE = 2000
+#: Pixel limit for the images of an image folder: the user's own files, decoded one at a time,
+#: so the bound is against a broken file rather than a hostile one (a request's images get
+#: the serving config's much tighter ``max_pixels``).
+FOLDER_MAX_PIXELS = 40_000_000
 
 
 @dataclass
@@ -194,7 +198,7 @@ class ImageFolderDataset(Dataset[tuple[torch.Tensor, int]]):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, target = self.files[index]
         try:
-            image = decode_image(path.read_bytes())
+            image = decode_image(path.read_bytes(), max_pixels=FOLDER_MAX_PIXELS)
         except (ImageDecodeError, OSError) as exc:
             raise DataError(f"cannot read image {path}: {exc}") from None
         return torch.from_numpy(preprocess(image, self.spec)), target

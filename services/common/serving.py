@@ -50,7 +50,9 @@ class ServingConfig(BaseModel):
     Triton's config.pbtxt ``max_batch_size`` is the larger of this and ``max_batch_size``: for
     Triton one number caps both."""
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
-    """Largest image (width x height) an engine decodes, checked from the header first."""
+    """Most pixels an image may decode into (a JPEG at the reduced size libjpeg decodes it
+    at), checked from the header before any pixel is decoded; its decoded bytes may be at most
+    3 per allowed pixel (8-bit RGB), so RGBA or 32-bit images get fewer. Larger ones are 413."""
     instance_count: int = Field(default=DEFAULT_INSTANCE_COUNT, ge=1, le=64)
     """Model instances per engine: Triton's instance_group count, TorchServe's workers, the
     predictor's inference threads."""

@@ -19,14 +19,20 @@ from typing import Any, cast
 
 import orjson
 from fastapi import FastAPI, Request, Response
-from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from PIL import Image
 
 from services.common.errors import Unavailable
 from services.common.heap import freeze_startup_heap
 from services.common.http import NO_FASTAPI_TELEMETRY, install_service_middleware
-from services.common.imaging import InputSpec, decode_and_preprocess, decode_base64
-from services.common.metrics import metrics_response
+from services.common.imaging import (
+    InputSpec,
+    decode_base64,
+    decoded_bytes,
+    load_image,
+    open_image,
+    preprocess,
+)
+from services.common.metrics import METRICS_RESPONSES, metrics_response
 from services.common.repository import RepositoryError
 from services.common.runtime import (
     EngineError,
@@ -37,10 +43,15 @@ from services.common.runtime import (
     set_torch_threads,
     top_k_predictions,
 )
-from services.common.schemas import ErrorResponse, PredictRequest, PredictResponse, require_json
+from services.common.schemas import (
+    ErrorResponse,
+    PredictRequest,
+    PredictResponse,
+    parse_predict_request,
+)
 from services.common.serving import ServingConfigError, with_overrides
 from services.predictor import SERVER_NAME, SERVER_VERSION, v2
-from services.predictor.batcher import DynamicBatcher
+from services.predictor.batcher import DecodeApart, DynamicBatcher
 from services.predictor.metrics import PredictorMetrics
 from services.predictor.reloader import Loader, ModelManager
 from services.predictor.settings import PredictorSettings
@@ -58,9 +69,22 @@ class StartupError(RuntimeError):
     """The service cannot serve (no verified, working model): it stops instead."""
 
 
+#: An image that decodes to more bytes than this (a 1024 x 1024 RGB one, say; the digits here
+#: are 32 x 32) is decoded apart from its batch (:class:`~services.predictor.batcher.DecodeApart`).
+DECODE_APART_BYTES = 1 << 20
+
+
 def _decode(text: object, spec: InputSpec, max_pixels: int) -> FloatArray:
-    """Runs in a decode thread (inside the batcher): base64 text -> model input tensor."""
-    return decode_and_preprocess(decode_base64(cast(str, text)), spec, max_pixels)
+    """Runs in a decode thread (inside the batcher): base64 text -> model input tensor, or
+    :class:`DecodeApart` for a large image, once its header has passed the limits."""
+    image = open_image(decode_base64(cast(str, text)), max_pixels)
+    if decoded_bytes(image) > DECODE_APART_BYTES:
+        raise DecodeApart(functools.partial(_finish_decode, image, spec))
+    return preprocess(load_image(image), spec)
+
+
+def _finish_decode(image: Image.Image, spec: InputSpec) -> FloatArray:
+    return preprocess(load_image(image), spec)
 
 
 _PREDICT_DOC: dict[str, Any] = {
@@ -71,18 +95,16 @@ _PREDICT_DOC: dict[str, Any] = {
 }
 
 
-async def parse_predict_request(request: Request) -> PredictRequest:
-    """The body as a :class:`PredictRequest`, parsed by pydantic-core straight from the bytes.
+async def read_predict_request(request: Request) -> PredictRequest:
+    """The body as a :class:`PredictRequest`, through the parser the gateway uses too
+    (:func:`~services.common.schemas.parse_predict_request`), so both answer the same bytes
+    with the same status and code.
 
     Done by hand instead of declaring a body parameter: FastAPI would decode the JSON into
     Python objects first and then validate them, which costs a measurable share of a request
-    at thousands of requests per second. Errors keep the shape of FastAPI's own (422).
+    at thousands of requests per second.
     """
-    require_json(request.headers.get("content-type", ""))
-    try:
-        return PredictRequest.model_validate_json(await request.body())
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False)) from None
+    return parse_predict_request(await request.body(), request.headers.get("content-type", ""))
 
 
 def serve_as_configured(load: Loader, settings: PredictorSettings) -> Loader:
@@ -143,6 +165,7 @@ def create_app(settings: PredictorSettings | None = None, loader: Loader | None 
         state: PredictorState | None = None
         infer_pool: ThreadPoolExecutor | None = None
         decode_pool: ThreadPoolExecutor | None = None
+        large_pool: ThreadPoolExecutor | None = None
         batcher: DynamicBatcher | None = None
         try:
             try:
@@ -167,6 +190,8 @@ def create_app(settings: PredictorSettings | None = None, loader: Loader | None 
             instances = model.serving.instance_count
             infer_pool = ThreadPoolExecutor(instances, thread_name_prefix="infer")
             decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+            # Large images one at a time, beside the batches (see batcher.DecodeApart).
+            large_pool = ThreadPoolExecutor(1, thread_name_prefix="decode-large")
             batcher = DynamicBatcher(
                 infer_pool,
                 decode_pool,
@@ -176,6 +201,7 @@ def create_app(settings: PredictorSettings | None = None, loader: Loader | None 
                 max_delay_s=model.serving.max_batch_delay_ms / 1000.0,
                 queue_size=settings.queue_size,
                 in_flight_batches=instances + 1,
+                large_executor=large_pool,
             )
             manager.on_swap = batcher.follow
             queue = batcher
@@ -214,7 +240,7 @@ def create_app(settings: PredictorSettings | None = None, loader: Loader | None 
                 await asyncio.gather(*state.background, return_exceptions=True)
             if batcher is not None:
                 await batcher.stop()
-            for pool in (infer_pool, decode_pool):
+            for pool in (infer_pool, decode_pool, large_pool):
                 if pool is not None:
                     pool.shutdown(wait=True, cancel_futures=True)
 
@@ -250,7 +276,7 @@ def create_app(settings: PredictorSettings | None = None, loader: Loader | None 
         # The state is read directly rather than through StateDep: on the hottest route,
         # FastAPI's dependency resolution is a noticeable share of the per-request CPU.
         state = get_state(request)
-        body = await parse_predict_request(request)
+        body = await read_predict_request(request)
         model = state.model()
         images = body.image_texts(model.serving.max_images_per_request)
         decode = functools.partial(_decode, spec=model.spec, max_pixels=model.serving.max_pixels)
@@ -300,7 +326,7 @@ def create_app(settings: PredictorSettings | None = None, loader: Loader | None 
             "refused": {str(v): reason for v, reason in state.manager.refused.items()},
         }
 
-    @app.get("/metrics", tags=["ops"])
+    @app.get("/metrics", tags=["ops"], response_class=Response, responses=METRICS_RESPONSES)
     async def prometheus_metrics() -> Response:
         """Prometheus text format."""
         return metrics_response(metrics.registry)

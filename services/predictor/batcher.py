@@ -23,6 +23,12 @@ it is paid a few times per batch instead of once per image. Two batches may be i
 the decoding of one overlaps the inference of the previous one. An image that fails to decode
 fails only its own request; the rest of the batch goes on.
 
+A large image would hold its whole batch (and a decode thread) for as long as it takes to
+decode, so the decoder may refuse to decode it inside the batch by raising
+:class:`DecodeApart` after reading its header. Its request then leaves the batch, the rest of
+the batch goes on, and the image is decoded in one thread of its own (large images one after
+the other, which also bounds the memory they take at once); decoded, it joins the next batch.
+
 Every item carries the :class:`LoadedModel` its request started with, and a batch never mixes
 two models: after a hot reload, requests admitted before the swap finish on the old version.
 """
@@ -67,6 +73,15 @@ class InferenceFailed(RuntimeError):
     """The engine raised while running a batch (an engine fault, not the caller's)."""
 
 
+class DecodeApart(Exception):
+    """Raised by a :data:`Decoder` for an image too large to decode inside a batch: ``finish``
+    decodes it (in the batcher's thread for large images) and returns the tensor."""
+
+    def __init__(self, finish: Callable[[], FloatArray]) -> None:
+        super().__init__("decode apart from the batch")
+        self.finish = finish
+
+
 class ItemFailed(Exception):
     """One image of a request could not be decoded; ``error`` is why, ``index`` which one."""
 
@@ -103,7 +118,8 @@ class RequestTiming:
 
 
 def _decode_chunk(jobs: list[tuple[Decoder, object]]) -> list[FloatArray | Exception]:
-    """Runs in a decode thread. Each failure is returned, to be delivered to its own request."""
+    """Runs in a decode thread. Each failure is returned, to be delivered to its own request
+    (a :class:`DecodeApart` too, to be decoded on its own)."""
     results: list[FloatArray | Exception] = []
     for decode, payload in jobs:
         try:
@@ -131,9 +147,13 @@ class DynamicBatcher:
         max_delay_s: float,
         queue_size: int,
         in_flight_batches: int = IN_FLIGHT_BATCHES,
+        large_executor: Executor | None = None,
     ) -> None:
+        """``large_executor`` decodes the images a decoder sends apart (:class:`DecodeApart`);
+        one thread is the intent. None: the decode pool does."""
         self._infer_executor = infer_executor
         self._decode_executor = decode_executor
+        self._large_executor = large_executor or decode_executor
         self._decode_threads = decode_threads
         self._metrics = metrics
         self.max_batch_size = max_batch_size
@@ -148,6 +168,7 @@ class DynamicBatcher:
         self._closed = False
         self._task: asyncio.Task[None] | None = None
         self._in_flight: dict[asyncio.Task[None], list[_Item]] = {}
+        self._apart: dict[asyncio.Task[None], _Item] = {}  # large images decoding on their own
 
     def follow(self, model: LoadedModel) -> None:
         """Batch as the newly served version's serving config says (from the next batch on)."""
@@ -169,19 +190,21 @@ class DynamicBatcher:
 
     async def stop(self) -> None:
         self._closed = True
-        tasks = [t for t in (self._task, *self._in_flight) if t is not None]
+        tasks = [t for t in (self._task, *self._in_flight, *self._apart) if t is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         stranded = [item for batch in self._in_flight.values() for item in batch]
+        stranded.extend(self._apart.values())
         for item in [*stranded, *self._pending]:
             if not item.future.done():
                 item.future.set_exception(BatcherClosed("the predictor is shutting down"))
         self._pending.clear()
         self._batch_axis_pending = 0
         self._in_flight.clear()
+        self._apart.clear()
 
     async def infer(
         self,
@@ -329,11 +352,39 @@ class DynamicBatcher:
         )
         for chunk, outcomes in zip(chunks, results, strict=True):
             for (item, _), outcome in zip(chunk, outcomes, strict=True):
-                if isinstance(outcome, Exception):
+                if isinstance(outcome, DecodeApart):
+                    if not item.future.done():
+                        self._decode_apart(item, outcome.finish)
+                elif isinstance(outcome, Exception):
                     if not item.future.done():
                         item.future.set_exception(outcome)
                 else:
                     item.tensor = outcome
+
+    def _decode_apart(self, item: _Item, finish: Callable[[], FloatArray]) -> None:
+        """Decode one large image in the large-image thread; it is queued again, ready, for
+        the next batch (without waiting for the delay: its request waited long enough)."""
+
+        async def decode() -> None:
+            loop = asyncio.get_running_loop()
+            try:
+                tensor = await loop.run_in_executor(self._large_executor, finish)
+            except Exception as exc:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+                return
+            if item.future.done():
+                return  # its request gave up meanwhile
+            item.decode = None
+            item.tensor = tensor
+            item.prebatched = True
+            self._prebatched_pending += 1
+            self._pending.appendleft(item)
+            self._wakeup.set()
+
+        task = asyncio.create_task(decode(), name="decode-apart")
+        self._apart[task] = item
+        task.add_done_callback(lambda done: self._apart.pop(done, None))
 
     async def _process(self, batch: list[_Item]) -> None:
         model = batch[0].model

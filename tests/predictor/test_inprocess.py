@@ -6,12 +6,13 @@ are the real published ones, only the engine is swapped for a gated or failing o
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import numpy as np
@@ -21,7 +22,7 @@ from fastapi import FastAPI
 from services.common.repository import RepositoryError, load_version
 from services.common.runtime import EngineKind, FloatArray, LoadedModel
 from services.predictor.app import StartupError, create_app
-from services.predictor.batcher import DynamicBatcher, QueueFull
+from services.predictor.batcher import DecodeApart, DynamicBatcher, ItemFailed, QueueFull
 from services.predictor.metrics import PredictorMetrics
 from services.predictor.reloader import ModelManager
 from services.predictor.settings import PredictorSettings
@@ -250,6 +251,67 @@ async def test_delay_is_skipped_for_a_lone_request_a_full_batch_and_a_batch_axis
         finally:
             await batcher.stop()
     assert [len(batch) for batch in engine.batches] == [1, 4, 2, 1, 2, 3]
+
+
+async def test_a_large_image_is_decoded_apart_and_never_holds_its_batch(
+    published_model: PublishedModel,
+) -> None:
+    """A decoder that sends an image apart (DecodeApart) takes it out of its batch: the small
+    image batched with it is answered while the large one is still decoding, in a thread of
+    its own; decoded, the large one is answered from a later batch. One that fails there
+    fails only its own request."""
+    engine = GatedEngine()
+    engine.release.set()
+    model = _model(published_model, engine)
+    decoding = threading.Event()
+    finish_large = threading.Event()
+
+    def finish(value: float) -> FloatArray:
+        decoding.set()
+        if not finish_large.wait(WAIT_S):
+            raise TimeoutError("the large decode was never released")
+        if value < 0:
+            raise ValueError("broken large image")
+        return np.full((3, 32, 32), value, dtype=np.float32)
+
+    def decode(payload: object) -> FloatArray:
+        value = float(cast(Any, payload))
+        if abs(value) >= 100:
+            raise DecodeApart(functools.partial(finish, value))
+        return np.full((3, 32, 32), value, dtype=np.float32)
+
+    with (
+        ThreadPoolExecutor(1) as pool,
+        ThreadPoolExecutor(1) as decode_pool,
+        ThreadPoolExecutor(1, thread_name_prefix="large") as large_pool,
+    ):
+        batcher = DynamicBatcher(
+            pool,
+            decode_pool,
+            1,
+            PredictorMetrics.create(),
+            max_batch_size=8,
+            max_delay_s=0.2,  # gathers the three requests into one batch
+            queue_size=16,
+            large_executor=large_pool,
+        )
+        batcher.start()
+        try:
+            async with asyncio.timeout(WAIT_S):
+                large = asyncio.create_task(batcher.infer(model, [100.0], decode))
+                broken = asyncio.create_task(batcher.infer(model, [-100.0], decode))
+                small = asyncio.create_task(batcher.infer(model, [1.0], decode))
+                assert (await small).shape == (1, 10)
+                assert decoding.is_set() and not large.done() and not broken.done()
+                finish_large.set()
+                assert (await large).shape == (1, 10)
+                with pytest.raises(ItemFailed, match="broken large image"):
+                    await broken
+        finally:
+            await batcher.stop()
+    ids = [sorted(float(x[0, 0, 0]) for x in batch) for batch in engine.batches]
+    assert ids[0] == [1.0]  # the small image's batch, without the two large ones
+    assert [100.0] in ids[1:]
 
 
 async def test_pinned_version_is_served_and_never_reloaded(
