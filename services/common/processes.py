@@ -51,6 +51,23 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+def processes_naming(folder: Path) -> list[int]:
+    """Live processes other than this one whose command line names ``folder``, from /proc (a
+    zombie's command line is empty). The servers here name their run folder in theirs."""
+    needle = str(folder).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue  # exited while we looked
+        if needle in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
 def _signal(groups: Collection[int], pids: Collection[int], sig: signal.Signals) -> None:
     for pgid in groups:
         with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -24,6 +24,20 @@ and the ensemble last. Triton loads the new version beside the old one and swaps
 without losing availability; a load that fails leaves the loaded version serving, and the
 launcher then writes that version's repository back, so that what is on disk is what is
 served.
+
+The server's shared-memory, logging, model-repository and trace APIs (HTTP and gRPC) answer
+only requests carrying a header key drawn at random for each start (:data:`RESTRICTED_APIS`):
+open, they would let any local client map memory into the server, change its logging or load
+models (code, for the python backend). Only ``reload`` needs one of them, and it reads the key
+from the run folder (``admin_key``, mode 0600). The key is also on tritonserver's command line,
+which local users can read through ``/proc``, so this stops clients that stumble on those APIs
+(a stray ``tritonclient``, a request forwarded by another service), not a local user set on
+using them.
+
+The python backend keeps its tensors in ``/dev/shm`` regions named after the run folder
+(``tpb_<digest of the run folder>_...``). A server killed outright leaves them behind, so start
+and stop remove every region of this run folder's prefix once no process of the run folder is
+alive: none can be in use then, and no other run folder's regions carry that prefix.
 """
 
 from __future__ import annotations
@@ -35,6 +49,7 @@ import importlib.util
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -47,7 +62,13 @@ from typing import IO
 
 import httpx
 
-from services.common.processes import ProcessesSurvived, group_members, stop_group, stop_processes
+from services.common.processes import (
+    ProcessesSurvived,
+    group_members,
+    processes_naming,
+    stop_group,
+    stop_processes,
+)
 from services.common.repository import (
     TORCHSCRIPT_SUFFIX,
     RepositoryError,
@@ -62,7 +83,15 @@ from services.triton.settings import TritonSettings
 logger = logging.getLogger(__name__)
 
 STUB_NAME = "triton_python_backend_stub"
+#: The APIs only a request with the per-start header key may use (see the module docstring).
+RESTRICTED_APIS = ("shared-memory", "logging", "model-repository", "trace")
+#: The header carrying that key.
+RESTRICTED_API_HEADER = "triton-admin-key"
+#: Where the python backend's shared-memory regions live.
+SHM_DIR = Path("/dev/shm")
 PID_FILE = "tritonserver.pid"
+#: The running server's key to its restricted APIs (mode 0600), for ``reload``.
+ADMIN_KEY_FILE = "admin_key"
 #: What the running server was generated from (``{"repository", "model"}``), so that ``status``
 #: and ``reload`` from another shell, without TRITON_* variables, act on the same repository.
 SOURCE_FILE = "source.json"
@@ -143,6 +172,10 @@ class LocalTriton:
         self.log_path = self.run_dir / LOG_FILE
         self.pid_path = self.run_dir / PID_FILE
         self.process: subprocess.Popen[bytes] | None = None
+        # A prefix unique to this run folder keeps two servers (a developer's stack and a test
+        # run) from opening each other's python-backend shared-memory regions, and tells which
+        # regions a dead server of this run folder left.
+        self.shm_prefix = f"tpb_{hashlib.sha1(str(self.run_dir).encode()).hexdigest()[:8]}_"
 
     @functools.cached_property
     def distribution(self) -> Distribution:
@@ -187,10 +220,8 @@ class LocalTriton:
     def command(self) -> list[str]:
         s = self.settings
         dist = self.distribution
-        # A prefix unique to this run folder and process keeps two servers (a developer's stack
-        # and a test run) from opening each other's python-backend shared memory regions.
-        digest = hashlib.sha1(str(self.run_dir).encode()).hexdigest()[:8]
-        shm_prefix = f"tpb_{digest}_{os.getpid()}_"
+        shm_prefix = f"{self.shm_prefix}{os.getpid()}_"
+        restricted = f"{','.join(RESTRICTED_APIS)}:{RESTRICTED_API_HEADER}={self._new_admin_key()}"
         return [
             str(dist.binary),
             f"--model-repository={self.repository}",
@@ -207,6 +238,8 @@ class LocalTriton:
             "--allow-gpu-metrics=false",
             "--allow-sagemaker=false",
             "--allow-vertex-ai=false",
+            f"--http-restricted-api={restricted}",
+            f"--grpc-restricted-protocol={restricted}",
             # The configs are generated complete: the backend must not rewrite them.
             "--disable-auto-complete-config",
             "--strict-readiness=true",
@@ -239,6 +272,7 @@ class LocalTriton:
         if (pid := self.running_pid()) is not None:
             raise LauncherError(f"tritonserver from {self.run_dir} is already running (pid {pid})")
         self._kill_orphans()
+        self._remove_leftover_regions()
         version = self.prepare()
         logger.info(
             "serving %s version %d from %s", self.settings.model, version, self.settings.repository
@@ -320,6 +354,58 @@ class LocalTriton:
             return
         logger.warning("killed %s, left by a tritonserver that died (group %d)", orphans, pgid)
 
+    def _new_admin_key(self) -> str:
+        """A fresh key to the restricted APIs, written into the run folder for ``reload``
+        (owner-only: created 0600, never widened)."""
+        key = secrets.token_hex(16)
+        path = self.run_dir / ADMIN_KEY_FILE
+        path.unlink(missing_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as out:
+            out.write(key + "\n")
+        return key
+
+    def admin_headers(self) -> dict[str, str]:
+        """The header that opens the restricted APIs of this run folder's running server."""
+        try:
+            key = (self.run_dir / ADMIN_KEY_FILE).read_text().strip()
+        except OSError as exc:
+            raise LauncherError(
+                f"no key to Triton's repository API in {self.run_dir}: {exc.strerror}"
+            ) from None
+        return {RESTRICTED_API_HEADER: key}
+
+    def shm_regions(self) -> list[Path]:
+        """The python backend's shared-memory regions of this run folder's servers."""
+        try:
+            return sorted(SHM_DIR.glob(f"{self.shm_prefix}*"))
+        except OSError:
+            return []
+
+    def _remove_leftover_regions(self) -> None:
+        """Remove the regions a dead server of this run folder left, when no process of the
+        run folder is alive (see the module docstring)."""
+        regions = self.shm_regions()
+        if not regions:
+            return
+        alive = processes_naming(self.run_dir)
+        if alive:
+            logger.warning(
+                "not removing %d shared-memory region(s) of %s: processes %s still run",
+                len(regions),
+                self.run_dir,
+                alive,
+            )
+            return
+        for region in regions:
+            with contextlib.suppress(FileNotFoundError):
+                region.unlink()
+        logger.warning(
+            "removed %d shared-memory region(s) a dead tritonserver left: %s",
+            len(regions),
+            ", ".join(region.name for region in regions),
+        )
+
     def stop(self) -> bool:
         """SIGTERM the process group, SIGKILL it after ``stop_timeout_s``; True if one ran.
 
@@ -328,7 +414,9 @@ class LocalTriton:
         pid = self.process.pid if self.process is not None else self.running_pid()
         if pid is None:
             self._kill_orphans()
+            self._remove_leftover_regions()
             self.pid_path.unlink(missing_ok=True)
+            (self.run_dir / ADMIN_KEY_FILE).unlink(missing_ok=True)
             return False
         try:
             killed = stop_group(pid, timeout_s=self.settings.stop_timeout_s, leader=self.process)
@@ -338,6 +426,8 @@ class LocalTriton:
             logger.warning("tritonserver group %d outlived SIGTERM; SIGKILLed %s", pid, killed)
         self.process = None
         self.pid_path.unlink(missing_ok=True)
+        (self.run_dir / ADMIN_KEY_FILE).unlink(missing_ok=True)
+        self._remove_leftover_regions()
         return True
 
     # --- new versions ------------------------------------------------------------------
@@ -366,8 +456,9 @@ class LocalTriton:
 
     def _load_all(self, client: httpx.Client) -> None:
         base = f"http://{self.settings.http_url}/v2/repository/models"
+        headers = self.admin_headers()  # the repository API is restricted
         for name in self.models():
-            reply = client.post(f"{base}/{name}/load", json={})
+            reply = client.post(f"{base}/{name}/load", json={}, headers=headers)
             if reply.status_code != 200:
                 try:
                     message = str(reply.json().get("error", reply.text))
@@ -446,6 +537,7 @@ class LocalTriton:
         if (pid := self.running_pid()) is not None:
             raise LauncherError(f"tritonserver from {self.run_dir} is already running (pid {pid})")
         self._kill_orphans()
+        self._remove_leftover_regions()
         self.prepare()
         command = self.command()
         env = self.environment()
