@@ -19,19 +19,11 @@ from typing import Any, cast
 
 import orjson
 from fastapi import FastAPI, Request, Response
-from PIL import Image
 
 from services.common.errors import Unavailable
 from services.common.heap import freeze_startup_heap
 from services.common.http import NO_FASTAPI_TELEMETRY, install_service_middleware
-from services.common.imaging import (
-    InputSpec,
-    decode_base64,
-    decoded_bytes,
-    load_image,
-    open_image,
-    preprocess,
-)
+from services.common.imaging import InputSpec, decode_base64
 from services.common.metrics import METRICS_RESPONSES, metrics_response
 from services.common.repository import RepositoryError
 from services.common.runtime import (
@@ -51,7 +43,7 @@ from services.common.schemas import (
 )
 from services.common.serving import ServingConfigError, with_overrides
 from services.predictor import SERVER_NAME, SERVER_VERSION, v2
-from services.predictor.batcher import DecodeApart, DynamicBatcher
+from services.predictor.batcher import DynamicBatcher, decode_image
 from services.predictor.metrics import PredictorMetrics
 from services.predictor.reloader import Loader, ModelManager
 from services.predictor.settings import PredictorSettings
@@ -69,22 +61,10 @@ class StartupError(RuntimeError):
     """The service cannot serve (no verified, working model): it stops instead."""
 
 
-#: An image that decodes to more bytes than this (a 1024 x 1024 RGB one, say; the digits here
-#: are 32 x 32) is decoded apart from its batch (:class:`~services.predictor.batcher.DecodeApart`).
-DECODE_APART_BYTES = 1 << 20
-
-
 def _decode(text: object, spec: InputSpec, max_pixels: int) -> FloatArray:
-    """Runs in a decode thread (inside the batcher): base64 text -> model input tensor, or
-    :class:`DecodeApart` for a large image, once its header has passed the limits."""
-    image = open_image(decode_base64(cast(str, text)), max_pixels)
-    if decoded_bytes(image) > DECODE_APART_BYTES:
-        raise DecodeApart(functools.partial(_finish_decode, image, spec))
-    return preprocess(load_image(image), spec)
-
-
-def _finish_decode(image: Image.Image, spec: InputSpec) -> FloatArray:
-    return preprocess(load_image(image), spec)
+    """Runs in a decode thread (inside the batcher): base64 text -> model input tensor (or
+    :class:`~services.predictor.batcher.DecodeApart` for a large image)."""
+    return decode_image(decode_base64(cast(str, text)), spec, max_pixels)
 
 
 _PREDICT_DOC: dict[str, Any] = {

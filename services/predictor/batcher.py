@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -47,7 +48,9 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
+from PIL import Image
 
+from services.common.imaging import InputSpec, decoded_bytes, load_image, open_image, preprocess
 from services.common.runtime import Engine, FloatArray, LoadedModel
 from services.predictor.metrics import PredictorMetrics
 
@@ -80,6 +83,27 @@ class DecodeApart(Exception):
     def __init__(self, finish: Callable[[], FloatArray]) -> None:
         super().__init__("decode apart from the batch")
         self.finish = finish
+
+
+#: An image that decodes to more bytes than this (a 1024 x 1024 RGB one, say; the digits here
+#: are 32 x 32) is decoded apart from its batch by :func:`decode_image`.
+DECODE_APART_BYTES = 1 << 20
+
+
+def decode_image(data: bytes, spec: InputSpec, max_pixels: int) -> FloatArray:
+    """Encoded image bytes -> model input tensor, the decoding both ``/predict`` and v2's BYTES
+    tensors run in the batcher. The header is read and the limits checked first
+    (:func:`~services.common.imaging.open_image`); an image that passes them but decodes to
+    more than :data:`DECODE_APART_BYTES` raises :class:`DecodeApart` instead of holding the
+    batch."""
+    image = open_image(data, max_pixels)
+    if decoded_bytes(image) > DECODE_APART_BYTES:
+        raise DecodeApart(functools.partial(_finish_decode, image, spec))
+    return _finish_decode(image, spec)
+
+
+def _finish_decode(image: Image.Image, spec: InputSpec) -> FloatArray:
+    return preprocess(load_image(image), spec)
 
 
 class ItemFailed(Exception):
@@ -377,8 +401,9 @@ class DynamicBatcher:
                 return  # its request gave up meanwhile
             item.decode = None
             item.tensor = tensor
-            item.prebatched = True
-            self._prebatched_pending += 1
+            item.decode_s = time.perf_counter() - item.started  # its batch's, then its own
+            item.batch_axis = True
+            self._batch_axis_pending += 1
             self._pending.appendleft(item)
             self._wakeup.set()
 
@@ -389,14 +414,16 @@ class DynamicBatcher:
     async def _process(self, batch: list[_Item]) -> None:
         model = batch[0].model
         start = time.perf_counter()
-        for item in batch:
+        # Items decoded apart come back for inference with their wait and decode counted.
+        fresh = [item for item in batch if not item.started]
+        for item in fresh:
             item.started = start
             self._metrics.queue_time.observe(start - item.enqueued)
         jobs = [(item, item.decode) for item in batch if item.decode is not None]
         if jobs:
             await self._decode(jobs)
             decode_s = time.perf_counter() - start
-            for item in batch:
+            for item in fresh:
                 item.decode_s = decode_s
         live: list[_Item] = []
         tensors: list[FloatArray] = []

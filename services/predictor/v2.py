@@ -43,11 +43,10 @@ from services.common.errors import (
     ServiceError,
     describe_validation,
 )
-from services.common.imaging import decode_and_preprocess
 from services.common.runtime import FloatArray, LoadedModel
 from services.common.schemas import ErrorResponse
 from services.predictor import SERVER_NAME, SERVER_VERSION
-from services.predictor.batcher import Decoder, RequestTiming
+from services.predictor.batcher import Decoder, RequestTiming, decode_image
 from services.predictor.state import PredictorState, StateDep
 from services.triton.model_configs import LABELS_FILE, triton_batching
 from services.triton.protocol import IMAGE_INPUT, LOGITS_OUTPUT, ensemble_name
@@ -305,8 +304,9 @@ def deserialize_bytes(raw: bytes, count: int) -> list[bytes]:
 
 
 def _decode_image(payload: object, model: LoadedModel) -> FloatArray:
-    """Runs in a decode thread (inside the batcher): encoded image bytes -> model input."""
-    return decode_and_preprocess(cast(bytes, payload), model.spec, model.serving.max_pixels)
+    """Runs in a decode thread (inside the batcher): encoded image bytes -> model input (a
+    large image decoded apart from its batch, as ``/predict``'s are)."""
+    return decode_image(cast(bytes, payload), model.spec, model.serving.max_pixels)
 
 
 def _float_tensor(tensor: InputTensor, count: int) -> FloatArray:
