@@ -11,7 +11,7 @@ TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: help install train-and-publish test lint gpu-check clean \
-	triton-up triton-down triton-status triton-bench up down reload status compose-check k8s-check bench gateway bench-gateway predictor predictor-bench precision-bench \
+	triton-up triton-down triton-status triton-bench up down reload status compose-check k8s-check bench bench-engines gateway bench-gateway predictor predictor-bench precision-bench \
 	torchserve-up torchserve-down torchserve-status torchserve-reload torchserve-bench perf-analyzer
 
 help: ## list targets
@@ -45,6 +45,7 @@ BENCH_USERS ?= 8
 BENCH_SPAWN_RATE ?= 8
 BENCH_DURATION ?= 30s
 BENCH_ARGS ?=
+BENCH_ENGINES_ARGS ?=
 
 bench: install ## Locust comparison of the 3 backends through the gateway (after `make up`); report in reports/bench-<time>/
 	$(PY) -m loadtests.bench --users $(BENCH_USERS) --spawn-rate $(BENCH_SPAWN_RATE) --duration $(BENCH_DURATION) $(BENCH_ARGS)
@@ -116,6 +117,10 @@ gateway: install ## run the gateway on :8000 in front of the engines (settings: 
 
 bench-gateway: install ## what the gateway costs: added p50 at concurrency 1, throughput ratio at 16
 	$(PY) -m loadtests.gateway_bench --repo $(REPO)
+
+bench-engines: install ## predictor (both engines), Triton, TorchServe direct on CPU 0, wrk on CPU 1: req/s, p50/p99, CPU ms/req, ratios
+	mkdir -p reports
+	$(PY) -m loadtests.engines_bench --repo $(REPO) --json reports/engines-bench.json $(BENCH_ENGINES_ARGS)
 
 # --- Predictor -------------------------------------------------------------------------------
 predictor: install ## run the FastAPI predictor on $(REPO) (port 8100; every setting is a PREDICTOR_* variable)
