@@ -127,15 +127,17 @@ class BodyBudget:
     """The request-body bytes one process holds at once, across all its connections.
 
     A request takes its declared ``Content-Length`` before reading (or, chunked, each chunk as
-    it comes) and gives it back once the app is done with it. Once bytes given back since the
-    last trim pass ``trim_after_bytes``, the C heap's free pages are returned to the system, at
-    most once per ``trim_interval_s`` (a burst of releases is trimmed once, soon after).
+    it comes) and gives it back once the app is done with it. Once the bytes given back since
+    the last trim pass ``trim_after_bytes`` (or ``idle_trim_bytes`` when nothing is buffered
+    any more: the end of a burst), the C heap's free pages are returned to the system, at most
+    once per ``trim_interval_s`` (a burst of releases is trimmed once, soon after).
     """
 
     def __init__(
         self,
         limit_bytes: int,
         trim_after_bytes: int = 32 * 1024 * 1024,
+        idle_trim_bytes: int = 4 * 1024 * 1024,
         trim_interval_s: float = 1.0,
     ) -> None:
         if limit_bytes < 1:
@@ -143,6 +145,7 @@ class BodyBudget:
         self.limit_bytes = limit_bytes
         self.used_bytes = 0
         self.trim_after_bytes = trim_after_bytes
+        self.idle_trim_bytes = idle_trim_bytes
         self.trim_interval_s = trim_interval_s
         self._untrimmed = 0
         self._last_trim = 0.0
@@ -158,7 +161,8 @@ class BodyBudget:
     def give_back(self, size: int) -> None:
         self.used_bytes -= size
         self._untrimmed += size
-        if self._untrimmed >= self.trim_after_bytes and self._trim_pending is None:
+        threshold = self.idle_trim_bytes if self.used_bytes == 0 else self.trim_after_bytes
+        if self._untrimmed >= threshold and self._trim_pending is None:
             wait = max(0.0, self._last_trim + self.trim_interval_s - time.monotonic())
             self._trim_pending = asyncio.get_running_loop().call_later(wait, self._trim)
 

@@ -39,7 +39,6 @@ from typing import Any, Literal, cast
 
 import httptools
 import orjson
-from uvicorn._types import ASGISendEvent
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
@@ -110,26 +109,27 @@ class _GuardedTransport(asyncio.Transport):
         super().__init__()
         self.raw = raw
         self._protocol = protocol
+        self.lingering = False  # set by the protocol: nothing more is written or paused
 
     def close(self) -> None:
         self._protocol.close_requested()
 
     def is_closing(self) -> bool:
-        return self._protocol.phase == "linger" or self.raw.is_closing()
+        return self.lingering or self.raw.is_closing()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not self.is_closing():
+        if not self.lingering:
             self.raw.write(data)
 
     def writelines(self, list_of_data: Any) -> None:
-        if not self.is_closing():
+        if not self.lingering:
             self.raw.writelines(list_of_data)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self.raw.get_extra_info(name, default)
 
     def pause_reading(self) -> None:
-        if self._protocol.phase != "linger":
+        if not self.lingering:
             self.raw.pause_reading()
 
     def resume_reading(self) -> None:
@@ -176,12 +176,16 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
+        self._max_line = self.limits.max_header_line_bytes
+        self._max_headers = self.limits.max_headers
+        self._max_head = self.limits.max_header_bytes
         self.raw: asyncio.Transport | None = None
         self.phase: Phase = "head"
         self._since = 0.0  # head: its first byte; body: the last body byte (or its head)
         self._head_bytes = 0  # bytes of the reads that ended inside the current head
-        self._head_size = 0  # exact size of the head's parsed part (URL and whole headers)
+        self._head_size = 0  # exact size of the head's parsed part (URL, then whole headers)
         self._header_count = 0
+        self._keep_alive_wanted = False
         self._refusal: tuple[int, str, str] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._linger_left = 0
@@ -192,7 +196,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's is one, not a subclass
         self.raw = transport
-        super().connection_made(_GuardedTransport(transport, self))
+        self.guarded = _GuardedTransport(transport, self)
+        super().connection_made(self.guarded)
         self._start_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -244,8 +249,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = self._head_size = self._header_count = 0
 
     def on_url(self, url: bytes) -> None:
-        super().on_url(url)
-        if len(self.url) > self.limits.max_header_line_bytes:
+        self.url += url
+        self._head_size += len(url)
+        if self._head_size > self._max_line:
             self._stop_head(
                 414,
                 f"the request line is over the limit of {self.limits.max_header_line_bytes} bytes",
@@ -253,11 +259,25 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             )
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        line = len(name) + len(value) + 4  # "name: value\r\n"
+        # Every header of every request passes here: the checks are one comparison each, and
+        # uvicorn's own bookkeeping is done inline rather than through a second call.
+        line = len(name) + len(value)
         self._header_count += 1
-        self._head_size += line
+        self._head_size += line + 4  # "name: value\r\n", on top of the URL
+        if (
+            line > self._max_line
+            or self._header_count > self._max_headers
+            or self._head_size > self._max_head
+        ):
+            self._refuse_header(line)
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
+
+    def _refuse_header(self, line: int) -> None:
         limits = self.limits
-        if line > limits.max_header_line_bytes + 2:
+        if line > limits.max_header_line_bytes:
             self._stop_head(
                 431,
                 f"a header line is over the limit of {limits.max_header_line_bytes} bytes",
@@ -267,27 +287,19 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._stop_head(
                 431, f"more than {limits.max_headers} request headers", "too_many_headers"
             )
-        if self._head_size + len(self.url) > limits.max_header_bytes:
-            self._stop_head(431, self._too_large_message(), "headers_too_large")
-        super().on_header(name, value)
+        self._stop_head(431, self._too_large_message(), "headers_too_large")
 
     def on_headers_complete(self) -> None:
         self.phase = "body"
         self._since = self.loop.time()
         super().on_headers_complete()
         cycle = self.cycle
-        if cycle is None or self.parser.should_upgrade():  # an upgrade: not served here
-            return
-        send = cycle.send
-
-        async def send_closing_early(message: ASGISendEvent) -> None:
-            # An answer that starts before the body is complete closes the connection (and
-            # lingers): the rest of that body is never parsed as a next request.
-            if message["type"] == "http.response.start" and cycle.more_body:
-                cycle.keep_alive = False
-            await send(message)
-
-        cycle.send = send_closing_early  # type: ignore[method-assign]
+        if cycle is not None and not cycle.response_started:
+            # Until its body is complete, an answer to this request closes the connection (and
+            # lingers): the rest of that body is never parsed as a next request. The request's
+            # own keep-alive is given back once the body is in (on_message_complete).
+            self._keep_alive_wanted = cycle.keep_alive
+            cycle.keep_alive = False
 
     def on_body(self, body: bytes) -> None:
         self._since = self.loop.time()
@@ -295,7 +307,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self.phase = "idle"
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started:
+            cycle.keep_alive = self._keep_alive_wanted
         super().on_message_complete()
+
+    def shutdown(self) -> None:
+        self._keep_alive_wanted = False  # a request still arriving is the last one
+        super().shutdown()
 
     # Closing
 
@@ -318,6 +337,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def _linger(self) -> None:
         assert self.raw is not None
         self.phase = "linger"
+        self.guarded.lingering = True
         self._unset_keepalive_if_required()
         self._linger_left = self.limits.drain_max_bytes
         if self.raw.can_write_eof():
