@@ -16,7 +16,11 @@ import pytest
 
 from tests.conftest import LocalStack, held_out_digit_pngs
 from tests.processes import wait_for
-from tests.stack.test_compose_static import dashboard_metric_names, exposition_metric_names
+from tests.stack.test_compose_static import (
+    dashboard_metric_names,
+    dashboard_panels,
+    exposition_metric_names,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -106,6 +110,22 @@ def test_dashboard_queries_name_live_metrics(local_stack: LocalStack) -> None:
         exported |= exposition_metric_names(response.text)
     missing = dashboard_metric_names() - exported
     assert not missing, f"dashboard queries metrics no live scrape exports: {sorted(missing)}"
+    # Every query of every panel returns data from the stack's Prometheus, as Grafana would ask
+    # it (its $__rate_interval is at least four scrape intervals): no "No data" panel.
+    queries = [
+        (panel["title"], target["expr"].replace("$__rate_interval", "1m"))
+        for panel in dashboard_panels()
+        for target in panel["targets"]
+    ]
+    for backend in BACKENDS:  # traffic inside the rate window
+        assert predict(local_stack, image, backend).status_code == 200
+    empty = []
+    for title, query in queries:
+        try:
+            wait_for(lambda q=query: _prometheus_has(local_stack, q), 60, query, interval=1.0)  # type: ignore[misc]
+        except AssertionError:
+            empty.append((title, query))
+    assert not empty, f"panels with a query that returns no data: {empty}"
 
 
 def test_container_healthcheck_script_against_real_services(local_stack: LocalStack) -> None:
