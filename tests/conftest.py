@@ -8,6 +8,7 @@ not only status codes.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -99,6 +100,43 @@ def published_model(
         checkpoint=trained_checkpoint,
         images=images,
         expected_top1=eager_top1(trained_checkpoint, manifest, images),
+    )
+
+
+def flip_byte(path: Path) -> None:
+    """One byte of ``path`` inverted in the middle: the file is the same size, its sha256 not."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@dataclass
+class CorruptNewest:
+    """A repository with the session's version (good) and a newer one, published the same way,
+    whose ``model.pt`` had one byte flipped afterwards (bad): what a disk error or a bad copy
+    leaves behind. Shared by the tests that only read it."""
+
+    published: PublishedModel  # the session's model, its ``repo`` this repository
+    good: int
+    bad: int
+
+    @property
+    def repo(self) -> Path:
+        return self.published.repo
+
+
+@pytest.fixture(scope="session")
+def corrupt_newest(
+    published_model: PublishedModel, tmp_path_factory: pytest.TempPathFactory
+) -> CorruptNewest:
+    repo = published_model.copy_repository(tmp_path_factory.mktemp("corrupt-newest"))
+    bad = publish_checkpoint(published_model.checkpoint, repo)
+    assert bad > published_model.version
+    flip_byte(repo / f"{published_model.model}_torchscript" / str(bad) / "model.pt")
+    return CorruptNewest(
+        published=dataclasses.replace(published_model, repo=repo),
+        good=published_model.version,
+        bad=bad,
     )
 
 

@@ -15,13 +15,22 @@ The manifest lists every artifact with its sha256 (paths relative to the reposit
 Every engine verifies a version before serving it: the predictor through :func:`load_version`,
 the TorchServe handler and Triton's twins through :func:`services.common.runtime.verify_file`
 on the one file they run (the check itself is written once, in the runtime).
+
+Which version an engine starts on is chosen here too, once for all of them:
+:func:`newest_valid` walks the published versions newest first and keeps the first that loads,
+recording every newer one it refused (:class:`RefusedVersion`, with the reason). So a version
+whose bytes went bad after publishing is an error line and a refused entry, not an outage:
+the engines start on the version before it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -42,6 +51,10 @@ ONNX_ARTIFACT = "onnx"
 TORCHSCRIPT_ARTIFACT = "torchscript"
 INT8_ARTIFACT = "onnx_int8"
 MANIFEST_SCHEMA_VERSION = 1
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class Artifact(BaseModel):
@@ -86,6 +99,10 @@ class Manifest(BaseModel):
     serving: ServingConfig = Field(default_factory=ServingConfig)
     #: Present when the version was published with an int8 model (artifact ``onnx_int8``).
     int8: Int8Record | None = None
+    #: The version's folders outside its manifest's, relative to the repository root
+    #: (``classifier_torchscript/3``, ``preprocess/3``, ...): what pruning removes with it.
+    #: Older manifests carry none (pruning then removes the folders it knows by name).
+    folders: list[str] = Field(default_factory=list)
 
     @property
     def input_spec(self) -> InputSpec:
@@ -173,3 +190,83 @@ def load_version(repo: Path, model: str, version: int | None = None) -> ModelVer
         torchscript_path=repo / manifest.artifacts[TORCHSCRIPT_ARTIFACT].path,
         onnx_int8_path=repo / int8.path if int8 else None,
     )
+
+
+# --- choosing the version to serve --------------------------------------------------------------
+
+
+class NoValidVersion(RepositoryError):
+    """Every published version was refused (or none is published): nothing can be served."""
+
+    def __init__(self, message: str, refused: list[RefusedVersion]) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
+@dataclass(frozen=True)
+class RefusedVersion:
+    """A published version an engine would not serve, and why (the loader's error message)."""
+
+    version: int
+    reason: str
+
+    def as_dict(self) -> dict[str, int | str]:
+        """``{"version": N, "reason": "..."}``: how ``/readyz`` and the launchers report it."""
+        return {"version": self.version, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Chosen(Generic[T]):
+    """What :func:`newest_valid` picked: the loader's result for ``version``, and the newer
+    versions it refused on the way, newest first."""
+
+    version: int
+    loaded: T
+    refused: list[RefusedVersion]
+
+
+def newest_valid(
+    repo: Path,
+    model: str,
+    load: Callable[[int], T],
+    refusable: tuple[type[Exception], ...] = (RepositoryError,),
+) -> Chosen[T]:
+    """Try ``load`` on each published version of ``model``, newest first; return the first
+    that loads, with the newer ones it refused.
+
+    An exception of a ``refusable`` type refuses that version (one error line in the log) and
+    the walk goes on to the one before; anything else propagates. Raises
+    :class:`NoValidVersion` when no version is published or every one was refused (the
+    message names each refusal)."""
+    versions = list_versions(repo, model)
+    if not versions:
+        raise NoValidVersion(
+            f"no published version of {model!r} in {repo} "
+            "(run `make train-and-publish` or `python -m training train-and-publish`)",
+            [],
+        )
+    refused: list[RefusedVersion] = []
+    for version in reversed(versions):
+        try:
+            loaded = load(version)
+        except refusable as exc:
+            refused.append(RefusedVersion(version, str(exc)))
+            logger.error("refused %s v%d: %s", model, version, exc)
+            continue
+        if refused:
+            logger.warning(
+                "serving %s v%d: newer %s refused",
+                model,
+                version,
+                ", ".join(f"v{r.version}" for r in refused),
+            )
+        return Chosen(version, loaded, refused)
+    reasons = "; ".join(f"v{r.version}: {r.reason}" for r in refused)
+    raise NoValidVersion(f"no valid version of {model!r} in {repo}: {reasons}", refused)
+
+
+def newest_valid_version(repo: Path, model: str) -> Chosen[ModelVersion]:
+    """The newest version of ``model`` whose manifest reads and whose every artifact matches
+    its sha256 (:func:`load_version`), with the newer ones refused: what the TorchServe and
+    Triton launchers start on."""
+    return newest_valid(repo, model, lambda version: load_version(repo, model, version))

@@ -40,10 +40,11 @@ from yarl import URL
 from services.common.errors import image_error_status
 from services.common.runtime import top_k_predictions
 from services.gateway.settings import BackendName, GatewaySettings
-from services.torchserve.config import Keys, read_keys
+from services.torchserve.config import REFUSED_FILE_NAME, Keys, read_keys, read_refused_versions
 from services.torchserve.workers import ready_workers
 from services.triton.protocol import (
     LOGITS_OUTPUT,
+    REFUSED_VERSIONS_PARAMETER,
     binary_infer_request,
     ensemble_name,
     parse_error,
@@ -79,6 +80,20 @@ class Readiness:
     detail: str
     #: The model version the engine serves now (None when it did not say).
     version: str | None = None
+    #: The published versions the engine refused to serve, as it reports them:
+    #: ``{"version": int, "reason": str}``, newest first.
+    refused_versions: tuple[dict[str, Any], ...] = ()
+
+
+def refused_entries(data: Any) -> tuple[dict[str, Any], ...]:
+    """An engine's list of refused versions, kept only as far as it has the expected shape."""
+    if not isinstance(data, list):
+        return ()
+    return tuple(
+        {"version": entry["version"], "reason": str(entry["reason"])}
+        for entry in data
+        if isinstance(entry, dict) and isinstance(entry.get("version"), int) and "reason" in entry
+    )
 
 
 class BackendError(Exception):
@@ -329,9 +344,12 @@ class PredictorBackend(HttpBackend):
         try:
             body = reply.json()
             return Readiness(
-                True, f"{body['model']} v{body['version']} ({body['engine']})", str(body["version"])
+                True,
+                f"{body['model']} v{body['version']} ({body['engine']})",
+                str(body["version"]),
+                refused_entries(body.get("refused_versions")),
             )
-        except (orjson.JSONDecodeError, KeyError, TypeError):
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return Readiness(True, "ready")
 
 
@@ -486,7 +504,16 @@ class TorchServeBackend(HttpBackend):
             return Readiness(False, "management API sent a malformed description")
         if not ready:
             return Readiness(False, f"{self.model} has no READY worker")
-        return Readiness(True, f"{self.model} v{ready[0]}", ready[0])
+        return Readiness(True, f"{self.model} v{ready[0]}", ready[0], self._refused_versions())
+
+    def _refused_versions(self) -> tuple[dict[str, Any], ...]:
+        """What the launcher refused, from ``refused_versions.json`` beside the key file."""
+        if self.keys.path is None:
+            return ()
+        try:
+            return refused_entries(read_refused_versions(self.keys.path.parent / REFUSED_FILE_NAME))
+        except (OSError, ValueError):
+            return ()
 
     async def _check_ping(self) -> Readiness:
         """Without the management API: TorchServe's ``/ping`` (200 once its frontend is up
@@ -516,6 +543,7 @@ class TritonBackend(HttpBackend):
         self.metadata_url = self.url(f"/v2/models/{self.ensemble}")
         self.infer_url = self.url(f"/v2/models/{self.ensemble}/infer")
         self.ready_url = self.url(f"/v2/models/{self.ensemble}/ready")
+        self.config_url = self.url(f"/v2/models/{self.model}/config")
         self.classes: int | None = None
 
     async def _class_count(self) -> int:
@@ -571,6 +599,7 @@ class TritonBackend(HttpBackend):
             return Readiness(False, reply)
         if reply.status != 200:
             return Readiness(False, f"{self.ensemble} ready endpoint answered {reply.status}")
+        refused = await self._refused_versions()
         # The served version, as the other engines report theirs: the newest version the
         # ensemble's metadata lists (during a reload the old one may still be listed).
         metadata = await self._probe(self.metadata_url)
@@ -579,8 +608,20 @@ class TritonBackend(HttpBackend):
                 raise ValueError("no metadata")
             version = max(int(v) for v in metadata.json()["versions"])
         except (ValueError, KeyError, TypeError):  # orjson.JSONDecodeError is a ValueError
-            return Readiness(True, self.ensemble)
-        return Readiness(True, f"{self.model} v{version} ({self.ensemble})", str(version))
+            return Readiness(True, self.ensemble, refused_versions=refused)
+        return Readiness(True, f"{self.model} v{version} ({self.ensemble})", str(version), refused)
+
+    async def _refused_versions(self) -> tuple[dict[str, Any], ...]:
+        """The local launcher's ``refused_versions`` parameter of the classifier's config (a
+        Triton whose configs were written by publish has none: nothing refused to report)."""
+        reply = await self._probe(self.config_url)
+        if isinstance(reply, str) or reply.status != 200:
+            return ()
+        try:
+            parameter = reply.json().get("parameters", {}).get(REFUSED_VERSIONS_PARAMETER, {})
+            return refused_entries(orjson.loads(parameter.get("string_value", "[]")))
+        except (orjson.JSONDecodeError, AttributeError, TypeError):
+            return ()
 
 
 def classification_top_k(row: Sequence[str], top_k: int) -> list[dict[str, Any]]:

@@ -109,6 +109,8 @@ class EngineGuard:
         #: The version the engine served at its last readiness check (None: unknown).
         self.version: str | None = None
         self.checked_at: float | None = None
+        #: The published versions the engine refused, as its last readiness check reported.
+        self.refused_versions: list[dict[str, Any]] = []
         self.opened_at = 0.0
         self.breaker = CircuitBreaker(
             fail_max=settings.breaker_failures,
@@ -180,6 +182,7 @@ class EngineGuard:
             readiness = Readiness(False, f"check failed: {type(exc).__name__}")
         self.checked_at = time.time()
         self.version = readiness.version if readiness.ready else None
+        self.refused_versions = list(readiness.refused_versions)
         self._set_ready(readiness.ready, readiness.detail)
         return readiness
 
@@ -190,6 +193,7 @@ class EngineGuard:
             "version": self.version,
             "breaker": self.breaker_state,
             "checked_at": self.checked_at,
+            "refused_versions": self.refused_versions,
         }
 
     # --- calls ---------------------------------------------------------------------------

@@ -304,6 +304,7 @@ def create_app(settings: PredictorSettings | None = None, loader: Loader | None 
             "serving": model.serving.model_dump(mode="json"),
             "serving_overrides": settings.serving_overrides(),
             "refused": {str(v): reason for v, reason in state.manager.refused.items()},
+            "refused_versions": [r.as_dict() for r in state.manager.refused_versions()],
         }
 
     @app.get("/metrics", tags=["ops"], response_class=Response, responses=METRICS_RESPONSES)

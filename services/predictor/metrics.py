@@ -22,6 +22,7 @@ class PredictorMetrics:
     inference_time: Histogram
     images: Counter
     reloads: Counter
+    refused_versions: Gauge
     model_version: Gauge
     queue_depth: Gauge
 
@@ -65,6 +66,13 @@ class PredictorMetrics:
                 "model_reloads",
                 "New versions seen by the hot reloader, by result (loaded or refused).",
                 ["result"],
+                namespace=NAMESPACE,
+                registry=registry,
+            ),
+            refused_versions=Gauge(
+                "refused_versions",
+                "Published versions this server refused (failed verification or loading), at "
+                "start-up or on reload; /readyz lists them with the reason.",
                 namespace=NAMESPACE,
                 registry=registry,
             ),

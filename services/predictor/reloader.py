@@ -7,9 +7,14 @@ assignment, which is atomic for the event loop. Requests hold a reference to the
 started with, so in-flight work finishes on the old version and it is freed afterwards.
 
 A version that fails verification or warm-up is refused: one error line in the log, an entry in
-:attr:`ModelManager.refused` (shown by ``/readyz``), and the current version keeps serving. It is
-not retried: published versions are immutable, so a broken one stays broken; the next version
-number will be tried as usual.
+:attr:`ModelManager.refused` (shown by ``/readyz``, counted by ``predictor_refused_versions``),
+and the current version keeps serving. It is not retried: published versions are immutable, so a
+broken one stays broken; the next version number will be tried as usual.
+
+At start-up the same rule holds: unless a version is pinned, the manager walks the versions
+newest first (:func:`services.common.repository.newest_valid`) and serves the first that loads,
+the newer ones refused. A version that went bad after publishing is then no outage on the next
+restart; only when every version is refused does the service stop.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from services.common.repository import list_versions
+from services.common.repository import RefusedVersion, list_versions, newest_valid
 from services.common.runtime import LoadedModel
 from services.predictor.metrics import PredictorMetrics
 
@@ -61,9 +66,30 @@ class ModelManager:
         if previous is not None:
             logger.info("now serving %s v%d (was v%d)", self.model, loaded.number, previous.number)
 
+    def _refuse(self, version: int, reason: str) -> None:
+        self.refused[version] = reason
+        self._metrics.refused_versions.set(len(self.refused))
+
+    def refused_versions(self) -> list[RefusedVersion]:
+        """Every version this server refused (at start-up or on reload), newest first."""
+        return [RefusedVersion(v, self.refused[v]) for v in sorted(self.refused, reverse=True)]
+
     async def load_initial(self) -> LoadedModel:
-        """The pinned or newest version; any error propagates and stops the service."""
-        loaded = await asyncio.to_thread(self._loader, self.pinned_version)
+        """The pinned version, or else the newest version that loads (newer ones that fail are
+        refused). Raises when the pinned one fails, or when every version does (a
+        :class:`~services.common.repository.NoValidVersion` naming each reason): the service
+        stops."""
+        if self.pinned_version is not None:
+            loaded = await asyncio.to_thread(self._loader, self.pinned_version)
+        else:
+            # Any failure refuses the version, as in check_once: sha256, a file torch or ORT
+            # cannot parse, a serving config this server cannot hold.
+            chosen = await asyncio.to_thread(
+                newest_valid, self.repo, self.model, self._loader, (Exception,)
+            )
+            for refusal in chosen.refused:
+                self._refuse(refusal.version, refusal.reason)
+            loaded = chosen.loaded
         self._swap(loaded)
         return loaded
 
@@ -82,7 +108,7 @@ class ModelManager:
         except Exception as exc:
             # Whatever went wrong (sha256, a file torch or ORT cannot parse, a wrong output
             # shape), the rule is the same: refuse it and keep serving what works.
-            self.refused[newest] = str(exc)
+            self._refuse(newest, str(exc))
             self._metrics.reloads.labels("refused").inc()
             logger.error(
                 "refused %s v%d, still serving v%d: %s", self.model, newest, current.number, exc

@@ -9,6 +9,7 @@ checks that no process it started survives, killing any that does.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -41,12 +42,23 @@ class StackError(RuntimeError):
     """The stack could not be started or stopped; the message says what to look at."""
 
 
+#: How many failed starts in a row supervisord allows a program before it gives up (FATAL).
+START_RETRIES = 3
+
+
 @dataclass(frozen=True)
 class Program:
+    """One supervisord program. ``start_s`` is its ``startsecs``: how long it must stay up to
+    count as started. It is longer than the program takes to fail at start-up (load and verify
+    a model, wait for workers), so a program that cannot start is a failed start each time and
+    goes FATAL after :data:`START_RETRIES` retries, instead of a restart loop that never ends
+    (an exit after ``startsecs`` is a crash of a running program, restarted without limit)."""
+
     name: str
     command: str
     environment: dict[str, str]
     stop_wait_s: int = 30
+    start_s: int = 5
 
 
 def _bin_dir() -> Path:
@@ -84,6 +96,8 @@ def programs(settings: StackSettings) -> list[Program]:
             "predictor",
             f"{pin}{python} -m services.predictor",
             common | {"PREDICTOR_REPOSITORY": repo, "PREDICTOR_MODEL": settings.model},
+            # Loading fails within seconds on an idle machine, in ~30 s on a busy 2-core one.
+            start_s=60,
         ),
         Program(
             "torchserve",
@@ -95,6 +109,8 @@ def programs(settings: StackSettings) -> list[Program]:
                 "TORCHSERVE_RUN_DIR": str(torchserve_run),
             },
             stop_wait_s=60,
+            # `up` is READY or fails within its start timeout.
+            start_s=_torchserve_start_timeout_s() + 30,
         ),
         Program(
             "triton",
@@ -106,6 +122,8 @@ def programs(settings: StackSettings) -> list[Program]:
                 "TRITON_RUN_DIR": str(settings.engine_run_dir("triton")),
             },
             stop_wait_s=60,
+            # tritonserver (--exit-on-error) exits when a model fails to load.
+            start_s=120,
         ),
         Program(
             "gateway",
@@ -155,29 +173,29 @@ supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
 serverurl=unix://{paths["socket"]}
 """
     ]
-    for program in programs(settings):
-        environment = (
-            f"environment={_env_line(program.environment)}\n" if program.environment else ""
-        )
-        sections.append(
-            f"""[program:{program.name}]
+    sections.extend(program_section(program, paths["logs"]) for program in programs(settings))
+    return "\n".join(sections)
+
+
+def program_section(program: Program, logs: Path) -> str:
+    """The ``[program:...]`` section of one program, its log in ``logs``."""
+    environment = f"environment={_env_line(program.environment)}\n" if program.environment else ""
+    return f"""[program:{program.name}]
 command={program.command}
 directory={ROOT}
 {environment}autostart=true
 autorestart=true
-startsecs=3
-startretries=10
+startsecs={program.start_s}
+startretries={START_RETRIES}
 stopsignal=TERM
 stopasgroup=true
 killasgroup=true
 stopwaitsecs={program.stop_wait_s}
 redirect_stderr=true
-stdout_logfile={paths["logs"] / (program.name + ".log")}
+stdout_logfile={logs / (program.name + ".log")}
 stdout_logfile_maxbytes={LOG_MAX_BYTES}
 stdout_logfile_backups={LOG_BACKUPS}
 """
-        )
-    return "\n".join(sections)
 
 
 def render_prometheus(settings: StackSettings) -> str:
@@ -207,6 +225,12 @@ global:
 scrape_configs:
 {jobs}
 """
+
+
+def _torchserve_start_timeout_s() -> int:
+    from services.torchserve.config import TorchServeSettings
+
+    return math.ceil(TorchServeSettings().start_timeout_s)
 
 
 def _predictor_port() -> int:

@@ -51,6 +51,10 @@ from services.common.serving import ServingConfig, find_overrides
 #: Where TorchServe writes its token-authorization keys, in its working directory.
 KEY_FILE_NAME = "key_file.json"
 
+#: Beside the key file: the published versions the launcher refused to serve, and why (a JSON
+#: list of ``{"version", "reason"}``, newest first), read by ``status`` and the gateway.
+REFUSED_FILE_NAME = "refused_versions.json"
+
 #: The metrics file (TorchServe 0.12's default metrics + the handler's batch counter); the
 #: launcher copies it into the run folder.
 METRICS_CONFIG = Path(__file__).with_name("metrics.yaml")
@@ -219,6 +223,16 @@ def read_keys(key_file: Path) -> Keys:
         )
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{key_file} has an unexpected shape: {exc}") from None
+
+
+def read_refused_versions(path: Path) -> list[dict[str, Any]]:
+    """The launcher's ``refused_versions.json`` (raises FileNotFoundError/ValueError)."""
+    data = json.loads(path.read_text())
+    if not isinstance(data, list) or not all(
+        isinstance(entry, dict) and {"version", "reason"} <= set(entry) for entry in data
+    ):
+        raise ValueError(f"{path} is not a list of {{version, reason}}")
+    return data
 
 
 def mar_name(model: str, version: int) -> str:

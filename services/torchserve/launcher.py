@@ -23,7 +23,13 @@ version's manifest says (:func:`services.torchserve.config.registration`), unles
 ``TORCHSERVE_*`` override is set; ``instance.json`` and ``status`` record what each version got
 and which overrides were in effect.
 
-New versions (``reload``): the newest published version's archive is copied into the model
+Which version: the pinned one (``TORCHSERVE_VERSION``), or else the newest *valid* one
+(:func:`services.common.repository.newest_valid`: its manifest reads and every artifact matches
+its sha256); newer versions that fail are refused, logged and listed in
+``<run_dir>/refused_versions.json`` (``status`` shows it, the gateway's ``/readyz`` reports it),
+so a version that went bad after publishing never keeps TorchServe from starting.
+
+New versions (``reload``): the newest valid published version's archive is copied into the model
 store, registered through the management API (synchronously, so its worker is READY before
 anything changes) and made the default version. The version it replaces stays registered
 (idle; a rollback is one ``set-default`` call) because TorchServe drops the requests still
@@ -50,10 +56,17 @@ from typing import Any
 import httpx
 
 from services.common.processes import ProcessesSurvived, stop_processes
-from services.common.repository import Manifest, RepositoryError, load_version, newest_version
+from services.common.repository import (
+    Manifest,
+    RefusedVersion,
+    RepositoryError,
+    load_version,
+    newest_valid,
+)
 from services.torchserve.archive import ArchiveError, archive_path, build_archive
 from services.torchserve.config import (
     METRICS_CONFIG,
+    REFUSED_FILE_NAME,
     Keys,
     Registration,
     TorchServeSettings,
@@ -256,24 +269,51 @@ def _wait_ready(
 
 def _stage_archive(settings: TorchServeSettings, version: int) -> tuple[Path, Manifest]:
     """Put the version's archive into the model store (built if the version lacks one);
-    return it and the version's (verified) manifest."""
+    return it and the version's (verified) manifest. Raises RepositoryError or ArchiveError."""
+    loaded = load_version(settings.repository_path, settings.model, version)  # sha256-checked
+    target = settings.model_store / mar_name(settings.model, version)
+    published = archive_path(settings.repository_path, settings.model, version)
+    if published.is_file():
+        partial = target.with_name(f".{target.name}.tmp")
+        shutil.copyfile(published, partial)
+        partial.replace(target)
+    else:
+        logger.info("%s has no archive; building one in the run folder", published.parent)
+        build_dir = settings.run_path / "build" / str(version)
+        built = build_archive(settings.repository_path, loaded.manifest, build_dir)
+        built.replace(target)
+        shutil.rmtree(build_dir, ignore_errors=True)
+    return target, loaded.manifest
+
+
+def stage_served_version(
+    settings: TorchServeSettings, pinned: bool = True
+) -> tuple[int, Path, Manifest, list[RefusedVersion]]:
+    """Stage the archive of the pinned version (when ``pinned`` and one is set), else of the
+    newest valid one; return the version, its archive, its manifest and the newer versions
+    refused on the way (also written to ``refused_versions.json``)."""
     try:
-        loaded = load_version(settings.repository_path, settings.model, version)  # sha256-checked
-        target = settings.model_store / mar_name(settings.model, version)
-        published = archive_path(settings.repository_path, settings.model, version)
-        if published.is_file():
-            partial = target.with_name(f".{target.name}.tmp")
-            shutil.copyfile(published, partial)
-            partial.replace(target)
-        else:
-            logger.info("%s has no archive; building one in the run folder", published.parent)
-            build_dir = settings.run_path / "build" / str(version)
-            built = build_archive(settings.repository_path, loaded.manifest, build_dir)
-            built.replace(target)
-            shutil.rmtree(build_dir, ignore_errors=True)
+        if pinned and settings.version is not None:
+            archive, manifest = _stage_archive(settings, settings.version)
+            return settings.version, archive, manifest, []
+        chosen = newest_valid(
+            settings.repository_path,
+            settings.model,
+            lambda version: _stage_archive(settings, version),
+            (RepositoryError, ArchiveError),
+        )
     except (RepositoryError, ArchiveError) as exc:  # nothing (verified) to serve: say so
         raise TorchServeError(str(exc)) from None
-    return target, loaded.manifest
+    _write_refused(settings, chosen.refused)
+    archive, manifest = chosen.loaded
+    return chosen.version, archive, manifest, chosen.refused
+
+
+def _write_refused(settings: TorchServeSettings, refused: list[RefusedVersion]) -> None:
+    path = settings.run_path / REFUSED_FILE_NAME
+    partial = path.with_name(f".{path.name}.tmp")
+    partial.write_text(json.dumps([r.as_dict() for r in refused], indent=2) + "\n")
+    partial.replace(path)
 
 
 def _registration(settings: TorchServeSettings, manifest: Manifest) -> Registration:
@@ -291,16 +331,6 @@ def _registration(settings: TorchServeSettings, manifest: Manifest) -> Registrat
     return reg
 
 
-def _resolve_version(settings: TorchServeSettings, pinned: bool = True) -> int:
-    """The pinned version (when ``pinned`` and one is set), else the newest published one."""
-    if pinned and settings.version is not None:
-        return settings.version
-    try:
-        return newest_version(settings.repository_path, settings.model)
-    except RepositoryError as exc:
-        raise TorchServeError(str(exc)) from None
-
-
 def _prepare_run_dir(settings: TorchServeSettings) -> None:
     run = settings.run_path
     run.mkdir(parents=True, exist_ok=True)
@@ -311,6 +341,7 @@ def _prepare_run_dir(settings: TorchServeSettings) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     settings.key_file.unlink(missing_ok=True)  # a stale key from a previous run never works
     (run / INSTANCE_FILE).unlink(missing_ok=True)
+    (run / REFUSED_FILE_NAME).unlink(missing_ok=True)
 
 
 def _child_env(settings: TorchServeSettings) -> dict[str, str]:
@@ -331,16 +362,16 @@ LOG_BACKUPS = 2
 
 
 def up(settings: TorchServeSettings, console: bool = False) -> Instance:
-    """Start TorchServe serving the configured (default: newest) version; wait until READY."""
+    """Start TorchServe serving the configured (default: newest valid) version; wait until
+    READY."""
     if instance_processes(settings):
         raise TorchServeError(
             f"a TorchServe instance is already running in {settings.run_path} "
             "(`python -m services.torchserve down` stops it)"
         )
     started = time.monotonic()
-    version = _resolve_version(settings)
     _prepare_run_dir(settings)
-    _, manifest = _stage_archive(settings, version)
+    version, _, manifest, refused = stage_served_version(settings)
     reg = _registration(settings, manifest)
     shutil.copyfile(METRICS_CONFIG, settings.metrics_file)
     settings.config_file.write_text(render_config(settings, version, serving=manifest.serving))
@@ -388,6 +419,7 @@ def up(settings: TorchServeSettings, console: bool = False) -> Instance:
         "metrics_url": settings.metrics_url,
         "key_file": str(settings.key_file),
         "registration": {str(version): reg.as_dict()},
+        "refused_versions": [r.as_dict() for r in refused],
     }
     (settings.run_path / INSTANCE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     try:
@@ -488,11 +520,13 @@ def status(settings: TorchServeSettings) -> dict[str, Any]:
 
 
 def reload(settings: TorchServeSettings) -> int:
-    """Serve the newest published version; return it. See the module docstring."""
+    """Serve the newest valid published version; return it. See the module docstring."""
     state = _read_instance(settings)
     if state is None or not instance_processes(settings, int(state["pgid"])):
         raise TorchServeError(f"no TorchServe instance runs in {settings.run_path}")
-    newest = _resolve_version(settings, pinned=False)
+    # The newest valid version (newer broken ones refused and listed), its archive staged.
+    newest, archive, manifest, refused = stage_served_version(settings, pinned=False)
+    _update_instance(settings, refused_versions=[r.as_dict() for r in refused])
     if not settings.enable_model_api:
         down(settings)
         return up(settings.model_copy(update={"version": newest})).version
@@ -505,7 +539,6 @@ def reload(settings: TorchServeSettings) -> int:
     if default == newest:
         return newest
     if newest not in served:
-        archive, manifest = _stage_archive(settings, newest)
         reg = _registration(settings, manifest)
         response = _management(
             settings,

@@ -4,8 +4,10 @@ The wheel ships Triton 2.51 with only the python backend. :class:`LocalTriton`:
 
 1. generates the python-backend repository into ``<run_dir>/model_repository``
    (:func:`services.triton.model_configs.write_local_repository`: twins of the native models
-   on the same version files, ``preprocess``, the ensemble), batching as the version's
-   ``serving`` block says unless a ``TRITON_*`` override is set (each one logged);
+   on the files of the newest *valid* version, newer ones that fail their sha256 refused and
+   listed in the classifier's ``refused_versions`` parameter, ``preprocess``, the ensemble),
+   batching as the version's ``serving`` block says unless a ``TRITON_*`` override is set
+   (each one logged);
 2. assembles a backend directory in ``<run_dir>/backends/python`` with the wheel's backend
    library and the stub built for this Python (the wheel keeps stubs per Python version apart);
 3. starts ``tritonserver`` bound to ``settings.host`` in its own process group, with this

@@ -27,8 +27,9 @@ and its ``preprocess`` settings apply. Text generation is pure (the ``*_config``
 (:mod:`services.common.publishing`: temporary file or folder, then rename).
 
 :class:`TritonConfigs` is the publish-side packager
-(:class:`services.common.publishing.Packager`): it writes these configs into the repository
-before each commit and removes a pruned version's ``preprocess`` and ensemble folders.
+(:class:`services.common.publishing.Packager`): it stages each version's ``preprocess`` and
+ensemble folders with the version, writes these configs into the repository before each
+commit and removes a pruned version's ``preprocess`` and ensemble folders.
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ from services.common.repository import (
     INT8_SUFFIX,
     MANIFEST_NAME,
     TORCHSCRIPT_SUFFIX,
+    Artifact,
     Manifest,
     load_version,
+    newest_valid_version,
     version_dir,
 )
 from services.common.runtime import portable_files
@@ -64,6 +67,7 @@ from services.triton.protocol import (
     LOGITS_OUTPUT,
     PREPROCESS_MODEL,
     PREPROCESSED_OUTPUT,
+    REFUSED_VERSIONS_PARAMETER,
 )
 from services.triton.settings import TritonSettings
 
@@ -357,6 +361,42 @@ def preprocess_files(manifest: Manifest) -> dict[str, FileSource]:
     return {"model.py": PREPROCESS_SOURCE, **portable_files(), INPUT_SPEC_FILE: spec}
 
 
+def _ensemble_runtimes(manifest: Manifest) -> list[Runtime]:
+    # The TorchScript model is served alone, without an ensemble.
+    return [runtime for runtime in runtimes(manifest) if runtime != "torchscript"]
+
+
+def pipeline_version_files(manifest: Manifest) -> dict[str, dict[str, FileSource]]:
+    """Model folder -> what its ``<version>/`` holds, for ``preprocess`` and the ensembles."""
+    files: dict[str, dict[str, FileSource]] = {PREPROCESS_MODEL: preprocess_files(manifest)}
+    for runtime in _ensemble_runtimes(manifest):  # an ensemble's version folder is empty
+        files[model_name(manifest, runtime) + ENSEMBLE_SUFFIX] = {}
+    return files
+
+
+def write_pipeline_configs(
+    repo: Path,
+    manifest: Manifest,
+    serving: ServingConfig | None = None,
+    options: PreprocessOptions | None = None,
+) -> None:
+    """``preprocess`` and the ensembles: configs and labels (no version folder)."""
+    write_text_atomic(
+        repo / PREPROCESS_MODEL / CONFIG_FILE, preprocess_config(manifest, serving, options)
+    )
+    for runtime in _ensemble_runtimes(manifest):
+        ensemble_dir = repo / (model_name(manifest, runtime) + ENSEMBLE_SUFFIX)
+        write_text_atomic(ensemble_dir / CONFIG_FILE, ensemble_config(manifest, serving, runtime))
+        write_text_atomic(ensemble_dir / LABELS_FILE, _labels_text(manifest))
+
+
+def write_pipeline_versions(repo: Path, manifest: Manifest) -> None:
+    """``preprocess/<version>/`` and each ensemble's ``<version>/`` under ``repo`` (the live
+    repository, or publish's staging tree)."""
+    for name, files in pipeline_version_files(manifest).items():
+        write_version_dir(repo / name, manifest.version, files)
+
+
 def write_pipeline(
     repo: Path,
     manifest: Manifest,
@@ -364,27 +404,18 @@ def write_pipeline(
     options: PreprocessOptions | None = None,
 ) -> None:
     """``preprocess`` and ``<model>_ensemble``: configs, labels and this version's folders."""
-    write_text_atomic(
-        repo / PREPROCESS_MODEL / CONFIG_FILE, preprocess_config(manifest, serving, options)
-    )
-    write_version_dir(repo / PREPROCESS_MODEL, manifest.version, preprocess_files(manifest))
-    for runtime in runtimes(manifest):
-        if runtime == "torchscript":
-            continue  # the TorchScript model is served alone, without an ensemble
-        ensemble_dir = repo / (model_name(manifest, runtime) + ENSEMBLE_SUFFIX)
-        write_text_atomic(ensemble_dir / CONFIG_FILE, ensemble_config(manifest, serving, runtime))
-        write_text_atomic(ensemble_dir / LABELS_FILE, _labels_text(manifest))
-        write_version_dir(ensemble_dir, manifest.version, {})  # an ensemble's folder is empty
+    write_pipeline_configs(repo, manifest, serving, options)
+    write_pipeline_versions(repo, manifest)
 
 
-def write_triton_models(repo: Path, manifest: Manifest) -> None:
-    """Write every Triton config of a version being published into the model repository.
+def write_triton_configs(repo: Path, manifest: Manifest) -> None:
+    """Every Triton config and label file of a version being published (no version folder).
 
-    Publish calls this once per version (:class:`TritonConfigs`): the native configs and labels
-    of ``<model>`` and ``<model>_torchscript``, then ``preprocess`` and ``<model>_ensemble``
-    with a version folder numbered like the classifier's. It needs only the manifest (batching
-    from its ``serving`` block), not the version's files, so it may run before the version's
-    commit. No environment variable is read: the configs are the model's.
+    The native configs and labels of ``<model>`` and ``<model>_torchscript``, then those of
+    ``preprocess`` and ``<model>_ensemble``. It needs only the manifest (batching from its
+    ``serving`` block), not the version's files, so publish writes it before the version's
+    commit (:class:`TritonConfigs`). No environment variable is read: the configs are the
+    model's.
     """
     labels = _labels_text(manifest)
     natives = {
@@ -394,14 +425,23 @@ def write_triton_models(repo: Path, manifest: Manifest) -> None:
     for name, config in natives.items():
         write_text_atomic(repo / name / CONFIG_FILE, config)
         write_text_atomic(repo / name / LABELS_FILE, labels)
-    write_pipeline(repo, manifest)
+    write_pipeline_configs(repo, manifest)
+
+
+def write_triton_models(repo: Path, manifest: Manifest) -> None:
+    """Every Triton file of a version, version folders of ``preprocess`` and the ensemble
+    included, straight into ``repo`` (publish stages those folders instead: see
+    :class:`TritonConfigs`)."""
+    write_triton_configs(repo, manifest)
+    write_pipeline_versions(repo, manifest)
 
 
 def remove_versions(repo: Path, model: str, versions: Iterable[int]) -> None:
     """Delete the ``preprocess`` and ``<model>_ensemble`` folders of pruned versions.
 
-    Publish's pruning calls this (:class:`TritonConfigs`) beside removing the classifier's own
-    version folders; each is renamed out of Triton's view at once, then removed.
+    Publish's pruning calls this (:class:`TritonConfigs`) beside removing the folders the
+    manifest lists (older manifests list none); each is renamed out of Triton's view at once,
+    then removed.
     """
     ensembles = (model + ENSEMBLE_SUFFIX, model + INT8_SUFFIX + ENSEMBLE_SUFFIX)
     for version in versions:
@@ -410,12 +450,18 @@ def remove_versions(repo: Path, model: str, versions: Iterable[int]) -> None:
 
 
 class TritonConfigs(PackagerBase):
-    """The publish-side packager: Triton's files lie outside the classifier's version folder."""
+    """The publish-side packager. ``preprocess/<v>/`` and ``<model>_ensemble/<v>/`` are staged
+    with the version (renamed in with it, before its manifest's folder: the commit); the configs
+    and labels, which name no version, are written before the commit."""
 
     name = "triton"
 
+    def package(self, staging: Path, manifest: Manifest, version_dir: Path) -> dict[str, Artifact]:
+        write_pipeline_versions(staging, manifest)
+        return {}
+
     def write_shared(self, repo: Path, manifest: Manifest) -> None:
-        write_triton_models(repo, manifest)
+        write_triton_configs(repo, manifest)
 
     def prune(self, repo: Path, model: str, versions: Sequence[int]) -> None:
         remove_versions(repo, model, versions)
@@ -430,8 +476,11 @@ def write_local_repository(
 ) -> int:
     """Generate the python-backend repository the local tritonserver serves; return its version.
 
-    The newest published version of ``model`` in ``source_repo`` is verified (sha256 of every
-    artifact; a mismatch raises rather than serving something else) and keeps its number here.
+    The newest *valid* published version of ``model`` in ``source_repo`` is served
+    (:func:`~services.common.repository.newest_valid_version`: sha256 of every artifact; newer
+    versions that fail are refused, and named with their reasons in the ONNX twin's
+    ``refused_versions`` parameter, JSON, which Triton's model config endpoint shows) and keeps
+    its number here; :class:`~services.common.repository.NoValidVersion` when none is valid.
     Its serving block, with the overrides of ``settings`` applied
     (:meth:`~services.triton.settings.TritonSettings.serving_for`; ValueError when they do not
     fit the model), sets the batching; ``settings`` also gives preprocess's instances and delay:
@@ -440,7 +489,12 @@ def write_local_repository(
     ``preprocess`` and the ensemble. ``target`` is rebuilt from scratch, once the version is
     verified. ``version`` (the one a reload leaves in place) replaces the newest.
     """
-    manifest = load_version(source_repo, model, version).manifest
+    if version is None:
+        chosen = newest_valid_version(source_repo, model)
+        manifest, refused = chosen.loaded.manifest, chosen.refused
+    else:
+        manifest, refused = load_version(source_repo, model, version).manifest, []
+    refused_json = json.dumps([r.as_dict() for r in refused])
     serving = settings.serving_for(manifest.serving)
     options = PreprocessOptions(
         settings.preprocess_instance_count, settings.preprocess_queue_delay_microseconds
@@ -453,6 +507,8 @@ def write_local_repository(
     for runtime in twins:
         artifact_key = _ARTIFACTS[runtime][0]
         config = twin_config(manifest, runtime, serving)
+        if runtime == "onnxruntime":  # what the gateway asks Triton about
+            config += _parameters({REFUSED_VERSIONS_PARAMETER: refused_json})
         model_dir = target / model_name(manifest, runtime)
         write_text_atomic(model_dir / CONFIG_FILE, config)
         write_text_atomic(model_dir / LABELS_FILE, _labels_text(manifest))

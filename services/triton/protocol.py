@@ -25,6 +25,9 @@ IMAGE_INPUT = "IMAGE"
 PREPROCESSED_OUTPUT = "INPUT"
 #: The ensemble's output: the classifier's logits, with labels attached.
 LOGITS_OUTPUT = "LOGITS"
+#: A parameter of the local launcher's ``<model>`` config (``GET /v2/models/<model>/config``):
+#: JSON, the published versions it refused to serve, ``[{"version", "reason"}]`` newest first.
+REFUSED_VERSIONS_PARAMETER = "refused_versions"
 
 _TAGGED = re.compile(r"\[(?P<code>[a-z][a-z0-9_]*)\]\s*(?P<message>.*)", re.DOTALL)
 _ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")

@@ -313,11 +313,11 @@ def test_local_repository_twins_link_the_published_files(
 
 
 def test_a_tampered_artifact_is_refused(repo_copy: Path, published_model: PublishedModel) -> None:
-    from services.common.repository import IntegrityError
+    from services.common.repository import NoValidVersion
 
     onnx_path = repo_copy / "classifier" / str(published_model.version) / "model.onnx"
     onnx_path.write_bytes(onnx_path.read_bytes() + b"\0")
-    with pytest.raises(IntegrityError):
+    with pytest.raises(NoValidVersion, match="onnx sha256 mismatch"):
         mc.write_local_repository(
             repo_copy.parent / "run", repo_copy, published_model.model, TritonSettings()
         )
@@ -329,7 +329,7 @@ def test_pruned_versions_lose_their_pipeline_folders(
     manifest = published_model.manifest
     newer = manifest.model_copy(update={"version": manifest.version + 1})
     packager = mc.TritonConfigs()  # what publish runs (services.common.publishing.Packager)
-    packager.write_shared(repo_copy, newer)
+    mc.write_triton_models(repo_copy, newer)
     packager.prune(repo_copy, manifest.model, [manifest.version])
     for name in ("preprocess", f"{manifest.model}_ensemble"):
         remaining = sorted(p.name for p in (repo_copy / name).iterdir() if p.is_dir())
