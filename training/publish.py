@@ -164,7 +164,7 @@ def publish_checkpoint(
     splits = checkpoint_splits(checkpoint)
     parity_batch = held_out_batch(checkpoint, splits)
 
-    with stage_version(repo, model) as staged:
+    with stage_version(repo, model, chosen) as staged:
         version = staged.version
         ts_path, onnx_path, report = export_and_check(eager, parity_batch, staged.version_dir)
         staged.torchscript_dir.mkdir(parents=True)

@@ -9,25 +9,34 @@ version (``python -m training publish`` does this through :func:`stage_version`)
         staged.commit(manifest, packagers)          # packagers, manifest, fsync, commit
 
 1. :func:`stage_version` takes the repository lock (an advisory ``flock`` on
-   ``<repo>/.publish.lock``: one publisher at a time), removes the staging folders of crashed
-   publishes and picks the number (:func:`next_version`: one more than any numbered folder of
-   the model, committed or not, so a number a crashed publish half-used is skipped, never
-   reused). Its staging folder, ``<parent>/.<repo name>.staging-<id>/``, sits beside the
-   repository (same file system, so the commit is a rename) and is laid out like it:
-   ``<model>/<v>/`` (the manifest's folder), ``<model>_torchscript/<v>/`` and, with
-   ``--int8``, ``<model>_int8/<v>/``. It is removed
+   ``<repo>/.publish.lock``: one publisher at a time), picks the number (:func:`next_version`:
+   one more than any numbered folder of the model or version a crashed publish left, committed
+   or not, so a number once half-used is skipped, never reused) and then cleans what crashed
+   publishes and prunes left (:func:`recover`). Its staging folder,
+   ``<parent>/.<repo name>.staging-<id>/``, sits beside the repository (same file system, so
+   the commit is a rename) and is laid out like it: ``<model>/<v>/`` (the manifest's folder),
+   ``<model>_torchscript/<v>/``, with ``--int8`` ``<model>_int8/<v>/``, and any other
+   model's ``<v>/`` a packager stages (Triton's ``preprocess`` and ensembles). It is removed
    when the ``with`` block ends, whatever happened.
-2. :meth:`StagedVersion.commit`: every packager adds its files to the staged ``<model>/<v>/``
-   and names the artifacts it added (recorded, with their sha256, in the manifest); the
-   manifest is written there and the whole staging tree fsynced. Only then is the repository
-   touched: each packager writes what lies outside version folders (Triton's ``config.pbtxt``
-   and labels, its ``preprocess`` and ensemble models), each file or folder written beside and
-   renamed in, and the staged version folders are renamed into place, **the manifest's folder
-   last: that rename is the commit point** (:func:`~services.common.repository.list_versions`
-   sees only versions with a manifest). A crash or an error at any step leaves the previous
-   versions serving and no half version visible.
-3. :func:`prune` deletes all but the newest N versions, each one's manifest folder first, then
-   lets every packager remove what it keeps for those versions.
+2. :meth:`StagedVersion.commit`: every packager adds its files to the staging tree and names
+   the artifacts it added (recorded, with their sha256, in the manifest, which also lists the
+   version's folders outside its own); the manifest is written there and the whole staging
+   tree fsynced. Only then is the repository touched: each packager writes what lies outside
+   version folders (Triton's ``config.pbtxt`` files and labels), each file written beside and
+   renamed in; a *pending* record (``<repo>/.publish-pending.json``: the version and its
+   folders) is written; the staged version folders are renamed into place, **the manifest's
+   folder last: that rename is the commit point**; the pending record is removed.
+3. :func:`prune` deletes all but the newest N versions: for each, a pending record, its
+   manifest folder first (it stops being a version at once), then its other folders; then every
+   packager's own clean-up.
+
+What a crash leaves is never a version: every loader of this project lists versions by their
+manifest (:func:`~services.common.repository.list_versions`), and the manifest's folder arrives
+whole, last. What it does leave (a version's other folders, renamed in before the crash; temp
+files; staging folders) the next publish removes under the lock, before anything else: the
+folders of a pending record whose version has no manifest, numbered folders of the model without
+one, and this module's temp names. (Triton reading the repository itself, in poll mode, is the
+one reader that sees a version's other folders during the few renames before the commit.)
 
 Packagers (:class:`Packager`) are how each engine adds its own files without the publisher
 knowing the engines: the TorchServe archive builder
@@ -45,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib
+import json
 import logging
 import os
 import shutil
@@ -63,12 +73,15 @@ from services.common.repository import (
     Manifest,
     RepositoryError,
     list_versions,
+    read_manifest,
     sha256_file,
 )
 
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".publish.lock"
+#: The version whose folders are being moved into (or out of) the repository, and those folders.
+PENDING_NAME = ".publish-pending.json"
 
 #: The packagers every publish runs, in order, as ``"module:attribute"`` names.
 DEFAULT_PACKAGERS: tuple[str, ...] = (
@@ -262,13 +275,113 @@ def version_folders(model: str) -> tuple[str, ...]:
 
 
 def next_version(repo: Path, model: str) -> int:
-    """One more than any numbered folder of the model, committed or not: never overwrite."""
+    """One more than any numbered folder of the model or pending version, committed or not:
+    never overwrite, never reuse a number a crashed publish half-used."""
     numbers = [0]
     for name in version_folders(model):
         folder = repo / name
         if folder.is_dir():
             numbers.extend(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+    pending = _read_pending(repo)
+    if pending is not None and pending[0] == model:
+        numbers.append(pending[1])
     return max(numbers) + 1
+
+
+def _committed(repo: Path, model: str, version: int) -> bool:
+    return (repo / model / str(version) / MANIFEST_NAME).is_file()
+
+
+def _write_pending(repo: Path, model: str, version: int, folders: Sequence[Path]) -> None:
+    record = {"model": model, "version": version, "folders": [str(f) for f in folders]}
+    write_text_atomic(repo / PENDING_NAME, json.dumps(record) + "\n")
+    fsync_path(repo)
+
+
+def _clear_pending(repo: Path) -> None:
+    (repo / PENDING_NAME).unlink(missing_ok=True)
+    fsync_path(repo)
+
+
+def _read_pending(repo: Path) -> tuple[str, int, list[Path]] | None:
+    """The pending record (model, version, folders), or None; an unreadable one is dropped."""
+    try:
+        record = json.loads((repo / PENDING_NAME).read_text())
+        folders = [Path(f) for f in record["folders"]]
+        found = (str(record["model"]), int(record["version"]), folders)
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        logger.warning("ignoring the unreadable %s", repo / PENDING_NAME)
+        return None
+    if any(f.is_absolute() or ".." in f.parts or len(f.parts) != 2 for f in folders):
+        logger.warning("ignoring %s: it names folders outside the repository", PENDING_NAME)
+        return None
+    return found
+
+
+def _is_leftover(path: Path) -> bool:
+    """A name this module's atomic writes use only while they run (see their docstrings)."""
+    name = path.name
+    hidden = name.startswith(".") and name not in (LOCK_NAME, PENDING_NAME)
+    return hidden and (name.endswith((".tmp", ".replaced")) or name.startswith(".deleted-"))
+
+
+def recover(
+    repo: Path, model: str, packagers: Iterable[str | Packager] | None = None
+) -> list[Path]:
+    """Remove what crashed publishes and prunes left; return it. Call it under the lock.
+
+    - staging folders beside the repository;
+    - the folders of a pending record whose version has no manifest (a publish that crashed
+      before its commit, or a prune after it uncommitted the version);
+    - numbered folders of ``model`` (``<model>/N`` and ``<model>_torchscript/N``) without a
+      manifest (what a crash left before pending records existed);
+    - for each of those versions, what the packagers keep (their ``prune`` hook);
+    - this module's temp files and folders (``.*.tmp``, ``.*.replaced``, ``.deleted-*``) in
+      the repository and its model folders.
+    """
+    removed = clean_stale_staging(repo)
+    uncommitted: set[int] = set()
+
+    def remove(folder: Path) -> None:
+        if folder.exists():
+            remove_dir(folder)
+            removed.append(folder)
+
+    pending = _read_pending(repo)
+    if pending is not None:
+        pending_model, version, folders = pending
+        if not _committed(repo, pending_model, version):
+            for folder in folders:
+                remove(repo / folder)
+            if pending_model == model:
+                uncommitted.add(version)
+        _clear_pending(repo)
+    for name in version_folders(model):
+        folder = repo / name
+        if folder.is_dir():
+            for child in folder.iterdir():
+                if child.name.isdigit() and not _committed(repo, model, int(child.name)):
+                    remove(child)
+                    uncommitted.add(int(child.name))
+    if uncommitted:
+        for packager in resolve_packagers(packagers):
+            packager.prune(repo, model, sorted(uncommitted))
+    for path in (*repo.glob("*"), *repo.glob("*/*")):
+        if _is_leftover(path):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        logger.warning(
+            "removed what an interrupted publish left in %s: %s",
+            repo,
+            ", ".join(str(p.relative_to(repo.parent)) for p in removed),
+        )
+    return removed
 
 
 @contextlib.contextmanager
@@ -287,10 +400,13 @@ def staging_prefix(repo: Path) -> str:
     return f".{repo.name}.staging-"
 
 
-def clean_stale_staging(repo: Path) -> None:
-    """Remove the staging folders crashed publishes left beside ``repo`` (call under the lock)."""
-    for stale in repo.parent.glob(staging_prefix(repo) + "*"):
-        shutil.rmtree(stale, ignore_errors=True)
+def clean_stale_staging(repo: Path) -> list[Path]:
+    """Remove the staging folders crashed publishes left beside ``repo`` (call under the lock);
+    return them."""
+    stale = list(repo.parent.glob(staging_prefix(repo) + "*"))
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    return stale
 
 
 def move_into_place(staged: Path, final: Path) -> None:
@@ -346,17 +462,25 @@ class StagedVersion:
             if clash:
                 raise PublishingError(f"packager {packager.name} adds artifacts {clash} again")
             artifacts.update(added)
-        manifest = manifest.model_copy(update={"artifacts": artifacts})
+        staged = self._staged_version_dirs()
+        folders = [str(folder.relative_to(self.root)) for folder in staged[:-1]]
+        manifest = manifest.model_copy(update={"artifacts": artifacts, "folders": folders})
         (self.version_dir / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
         fsync_tree(self.root)
 
-        # What names no version, and other models' version folders (Triton's preprocess and
-        # ensemble); replaced file by file or folder by folder, so writing it before the commit
-        # is safe for the versions served now.
+        # What names no version (configs, labels); replaced file by file, so writing it before
+        # the commit is safe for the versions served now.
         for packager in chosen:
             packager.write_shared(self.repo, manifest)
-        for folder in self._staged_version_dirs():  # the manifest's folder last: the commit
-            move_into_place(folder, self.repo / folder.relative_to(self.root))
+        relative = [folder.relative_to(self.root) for folder in staged]
+        _write_pending(self.repo, self.model, self.version, relative)
+        for folder in relative:
+            if (self.repo / folder).exists():  # the number is new: only a crash left this
+                logger.warning("replacing %s, left by an interrupted publish", folder)
+                remove_dir(self.repo / folder)
+        for folder in relative:  # the manifest's folder last: the commit
+            move_into_place(self.root / folder, self.repo / folder)
+        _clear_pending(self.repo)
         return manifest
 
     def _staged_version_dirs(self) -> list[Path]:
@@ -369,19 +493,24 @@ class StagedVersion:
 
 
 @contextlib.contextmanager
-def stage_version(repo: Path, model: str) -> Iterator[StagedVersion]:
-    """Hold the lock and a fresh staging folder for the next version of ``model`` in ``repo``.
+def stage_version(
+    repo: Path, model: str, packagers: Iterable[str | Packager] | None = None
+) -> Iterator[StagedVersion]:
+    """Hold the lock and a fresh staging folder for the next version of ``model`` in ``repo``,
+    after :func:`recover` removed what interrupted publishes left (``packagers``: those whose
+    files it removes too, default :data:`DEFAULT_PACKAGERS`).
 
-    The staging folder is removed when the block ends, committed or not; nothing is visible in
-    the repository unless :meth:`StagedVersion.commit` got to its last rename.
+    The staging folder is removed when the block ends, committed or not; nothing is a version
+    in the repository unless :meth:`StagedVersion.commit` got to its last rename.
     """
     repo = repo.resolve()
     repo.mkdir(parents=True, exist_ok=True)
     root = repo.parent / f"{staging_prefix(repo)}{uuid.uuid4().hex[:12]}"
     try:
         with repository_lock(repo):
-            clean_stale_staging(repo)
-            yield StagedVersion(repo, model, next_version(repo, model), root)
+            version = next_version(repo, model)  # before recover: a half-used number stays used
+            recover(repo, model, packagers)
+            yield StagedVersion(repo, model, version, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -389,15 +518,25 @@ def stage_version(repo: Path, model: str) -> Iterator[StagedVersion]:
 def prune(
     repo: Path, model: str, keep: int, packagers: Iterable[str | Packager] | None = None
 ) -> list[int]:
-    """Delete all but the newest ``keep`` versions (manifest folder first); return them.
+    """Delete all but the newest ``keep`` versions (manifest folder first, then every folder its
+    manifest lists); return them.
 
     Call it holding the lock (inside :func:`stage_version`'s block, after the commit)."""
     if keep < 1:
         raise PublishingError(f"keep must be at least 1, got {keep}")
     removed = []
     for version in list_versions(repo, model)[:-keep]:
-        for name in version_folders(model):
-            remove_dir(repo / name / str(version))
+        try:
+            recorded = [Path(f) for f in read_manifest(repo, model, version).folders]
+        except RepositoryError:  # unreadable: what every version has is still known
+            recorded = []
+        own = [Path(name) / str(version) for name in version_folders(model)]
+        folders = own + [f for f in recorded if f not in own]
+        # A crash from here on leaves a pending record: the next publish finishes the job.
+        _write_pending(repo, model, version, folders)
+        for folder in folders:  # the manifest's folder first: no longer a version at once
+            remove_dir(repo / folder)
+        _clear_pending(repo)
         removed.append(version)
     if removed:
         for packager in resolve_packagers(packagers):
