@@ -142,13 +142,16 @@ def test_crash_mid_publish_leaves_previous_version_serving(
     with pytest.raises(OSError, match="simulated crash"):
         publish_checkpoint(trained_checkpoint, repo)
     monkeypatch.undo()
-    assert moved == [repo.resolve() / "classifier_torchscript" / "2"]  # it got half way
+    # It got half way: every folder of version 2 but its manifest's.
+    half = ["classifier_ensemble/2", "classifier_torchscript/2", "preprocess/2"]
+    assert moved == [repo.resolve() / folder for folder in half]
     assert list_versions(repo, "classifier") == [1]
     assert load_version(repo, "classifier").version == 1
     assert not (repo / "classifier" / "2").exists()
-    # The next publish never reuses the number the crashed one half-wrote.
+    # The next publish never reuses the number the crashed one half-wrote, and removes its half.
     assert publish_checkpoint(trained_checkpoint, repo) == 3
     assert list_versions(repo, "classifier") == [1, 3]
+    assert [folder for folder in half if (repo / folder).exists()] == []
 
 
 def test_tampered_artifact_is_refused(trained_checkpoint: Path, tmp_path: Path) -> None:
