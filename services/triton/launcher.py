@@ -186,8 +186,9 @@ class LocalTriton:
 
     # --- preparing ---------------------------------------------------------------------
 
-    def prepare(self) -> int:
-        """Generate the repository and the backend directory; return the served version."""
+    def prepare(self, version: int | None = None) -> int:
+        """Generate the repository and the backend directory; return the served version:
+        ``version``, or at start (None) the newest valid one."""
         dist = self.distribution
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -196,6 +197,7 @@ class LocalTriton:
                 self.settings.repository.resolve(),
                 self.settings.model,
                 self.settings,
+                version=version,
             )
         except (RepositoryError, ValueError) as exc:  # nothing (verified) to serve, or
             raise LauncherError(str(exc)) from None  # overrides that do not fit: say so
@@ -482,7 +484,9 @@ class LocalTriton:
         with httpx.Client(timeout=timeout_s) as client:
             before = self.served_version(client)
             try:
-                version = self.prepare()  # verifies the version before changing anything
+                # The newest only: verified before anything changes, refused if it fails (the
+                # version walk is for the start, when nothing is served yet).
+                version = self.prepare(newest)
             except LauncherError as exc:
                 return self._refused(before, newest, str(exc))
             if version != before:
