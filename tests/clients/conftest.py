@@ -9,7 +9,7 @@ same test code then talks to both through the field's own clients.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from tests.processes import free_ports, processes_naming
 from tests.triton.conftest import triton_settings
 
 #: The engines every client test runs against. The predictor joins once its gRPC service is in.
-ENGINES = ["triton"]
+ENGINES = ["triton", "predictor"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,8 @@ class Engine:
     name: str
     http: str
     grpc: str
+    repository_headers: dict[str, str] = field(default_factory=dict)
+    """What the repository API needs: the local Triton opens it only to a per-start key."""
 
     @property
     def base_url(self) -> str:
@@ -55,7 +57,7 @@ def engine(
         launcher.start()
         try:
             launcher.wait_ready()
-            yield Engine(name, settings.http_url, settings.grpc_url)
+            yield Engine(name, settings.http_url, settings.grpc_url, launcher.admin_headers())
         finally:
             launcher.stop()
         left = processes_naming(run_dir)
@@ -95,3 +97,19 @@ def perf_analyzer_tool() -> perf_analyzer.PerfAnalyzer:
 def kserve_python() -> Path:
     """The KServe SDK's own interpreter (its pins conflict with ours)."""
     return kserve_venv.kserve_python()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The predictor's gRPC service has not landed yet: its gRPC cases (tritonclient gRPC, the
+    KServe SDK's gRPC client, perf_analyzer over gRPC) are left out until it does, and pytest's
+    summary counts them as deselected. Remove this hook once ``PREDICTOR_GRPC_PORT`` exists."""
+    pending = [
+        item
+        for item in items
+        if item.nodeid.startswith("tests/clients/")
+        and "[predictor-" in item.nodeid
+        and "grpc" in item.nodeid
+    ]
+    if pending:
+        config.hook.pytest_deselected(items=pending)
+        items[:] = [item for item in items if item not in pending]

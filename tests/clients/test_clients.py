@@ -81,15 +81,20 @@ class V2Client:
         self.module: Any = httpclient if protocol == "http" else grpcclient
         url = engine.http if protocol == "http" else engine.grpc
         self.client: Any = self.module.InferenceServerClient(url=url)
+        # Triton reads a restricted gRPC protocol's key from "triton-grpc-protocol-<header>".
+        prefix = "triton-grpc-protocol-" if self.grpc else ""
+        self.repository_headers = {prefix + k: v for k, v in engine.repository_headers.items()}
 
     @property
     def grpc(self) -> bool:
         return self.protocol == "grpc"
 
-    def _json(self, method: str, *args: Any) -> Any:
+    def _json(self, method: str, *args: Any, **options: Any) -> Any:
         call = getattr(self.client, method)
+        if self.grpc:
+            options["as_json"] = True
         try:
-            return call(*args, as_json=True) if self.grpc else call(*args)
+            return call(*args, **options)
         except InferenceServerException as exc:
             raise _failure(exc) from None
 
@@ -111,7 +116,7 @@ class V2Client:
         return config
 
     def repository_index(self) -> list[dict[str, Any]]:
-        answer = self._json("get_model_repository_index")
+        answer = self._json("get_model_repository_index", headers=self.repository_headers)
         models: list[dict[str, Any]] = answer.get("models", []) if self.grpc else answer
         return models
 
@@ -265,7 +270,14 @@ def test_model_config(
 def test_repository_index(
     clients: dict[str, V2Client], protocol: str, published_model: PublishedModel
 ) -> None:
-    index = {entry["name"]: entry for entry in clients[protocol].repository_index()}
+    """Triton differs here: the project's launcher opens Triton's repository API (index, load,
+    unload) only to a per-start key (``triton-admin-key``), so the Triton client sends it;
+    the predictor's index is read-only and open."""
+    client = clients[protocol]
+    if client.repository_headers:
+        with pytest.raises(InferenceServerException):
+            client.client.get_model_repository_index()  # without the key: refused
+    index = {entry["name"]: entry for entry in client.repository_index()}
     for model in (MODEL, ENSEMBLE):
         assert index[model]["state"] == "READY", index[model]
         assert index[model]["version"] == str(published_model.version)
@@ -544,7 +556,8 @@ def test_bad_input_is_the_callers_error(
         assert caught.value.status == (grpc_code if client.grpc else http_status), caught.value
         assert caught.value.message, "the answer says what was wrong"
     if case == "undecodable BYTES":
-        assert "not_an_image" in caught.value.message
+        # The shared decoder's verdict, in both (Triton also prefixes "[not_an_image]").
+        assert "is not a recognised image format" in caught.value.message
         stats = _settled(
             lambda: clients["http"].statistics(ENSEMBLE),
             lambda stats: _count(stats["inference_stats"]["fail"])[0] > fails_before,
