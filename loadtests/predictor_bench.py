@@ -86,6 +86,7 @@ def start_predictor(
         "PREDICTOR_POLL_INTERVAL_S": "0",
         "PREDICTOR_LOG_LEVEL": "warning",
         "PREDICTOR_DEVICE": "cpu",
+        "PREDICTOR_GRPC_PORT": "0",  # the bench measures HTTP; no port to clash with a stack's
     }
     if max_batch_size is not None:
         env["PREDICTOR_MAX_BATCH_SIZE"] = str(max_batch_size)

@@ -2,7 +2,8 @@
 
 The lifespan owns every resource: it resolves the device, loads, verifies and warms up the
 model through the shared runtime (a failure stops the service with one clear log line), sizes
-the batcher from the model's serving config (with this server's overrides), starts it and the
+the batcher from the model's serving config (with this server's overrides), starts it, the
+gRPC server (:mod:`services.predictor.grpc_api`, on the same event loop and batcher) and the
 hot-reload poller, and on shutdown stops them and the thread pools.
 """
 
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
+import grpc
 import orjson
 from fastapi import FastAPI, Request, Response
 
@@ -44,6 +46,7 @@ from services.common.schemas import (
 from services.common.serving import ServingConfigError, with_overrides
 from services.predictor import SERVER_NAME, SERVER_VERSION, v2
 from services.predictor.batcher import DynamicBatcher, decode_image
+from services.predictor.grpc_api import start_grpc_server
 from services.predictor.metrics import PredictorMetrics
 from services.predictor.reloader import Loader, ModelManager
 from services.predictor.settings import PredictorSettings
@@ -52,6 +55,8 @@ from services.predictor.state import PredictorState, get_state
 logger = logging.getLogger(__name__)
 
 BACKEND = "predictor"
+#: Seconds the gRPC server lets calls in flight finish on shutdown.
+GRPC_GRACE_S = 5.0
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 413, 415, 422, 503, 504)
 }
@@ -147,6 +152,7 @@ def create_app(settings: PredictorSettings | None = None, loader: Loader | None 
         decode_pool: ThreadPoolExecutor | None = None
         large_pool: ThreadPoolExecutor | None = None
         batcher: DynamicBatcher | None = None
+        grpc_server: grpc.aio.Server | None = None
         try:
             try:
                 load = loader
@@ -188,6 +194,12 @@ def create_app(settings: PredictorSettings | None = None, loader: Loader | None 
             metrics.queue_depth.set_function(lambda: queue.depth)
             batcher.start()
             state = PredictorState(settings, metrics, manager, batcher, decode_pool)
+            if settings.grpc_port:
+                try:
+                    grpc_server = await start_grpc_server(state)
+                except RuntimeError as exc:
+                    logger.error("predictor cannot start: %s", exc)
+                    raise StartupError(f"predictor cannot start: {exc}") from None
             if settings.poll_interval_s > 0 and settings.version is None:
                 state.background.append(
                     asyncio.create_task(
@@ -199,7 +211,7 @@ def create_app(settings: PredictorSettings | None = None, loader: Loader | None 
             state.ready = True
             overrides = settings.serving_overrides()
             logger.info(
-                "ready: %s v%d on %s (%s), max batch %d, delay %gms, %d instance(s)%s",
+                "ready: %s v%d on %s (%s), max batch %d, delay %gms, %d instance(s), gRPC %s%s",
                 model.name,
                 model.number,
                 model.engine.device,
@@ -207,6 +219,7 @@ def create_app(settings: PredictorSettings | None = None, loader: Loader | None 
                 model.serving.max_batch_size,
                 model.serving.max_batch_delay_ms,
                 instances,
+                f"on port {settings.grpc_port}" if settings.grpc_port else "off",
                 f"; PREDICTOR_* overrides of the model's serving config: {overrides}"
                 if overrides
                 else "",
@@ -218,6 +231,8 @@ def create_app(settings: PredictorSettings | None = None, loader: Loader | None 
                 for task in state.background:
                     task.cancel()
                 await asyncio.gather(*state.background, return_exceptions=True)
+            if grpc_server is not None:
+                await grpc_server.stop(GRPC_GRACE_S)
             if batcher is not None:
                 await batcher.stop()
             for pool in (infer_pool, decode_pool, large_pool):
@@ -303,6 +318,7 @@ def create_app(settings: PredictorSettings | None = None, loader: Loader | None 
             "device": model.engine.device,
             "serving": model.serving.model_dump(mode="json"),
             "serving_overrides": settings.serving_overrides(),
+            "grpc_port": settings.grpc_port or None,
             "refused": {str(v): reason for v, reason in state.manager.refused.items()},
             "refused_versions": [r.as_dict() for r in state.manager.refused_versions()],
         }

@@ -17,6 +17,8 @@ class PredictorMetrics:
     registry: CollectorRegistry
     http_duration: Histogram
     in_flight: Gauge
+    grpc_duration: Histogram
+    grpc_in_flight: Gauge
     queue_time: Histogram
     batch_size: Histogram
     inference_time: Histogram
@@ -34,6 +36,20 @@ class PredictorMetrics:
             registry=registry,
             http_duration=http_duration,
             in_flight=in_flight,
+            grpc_duration=Histogram(
+                "grpc_request_duration_seconds",
+                "Time of one gRPC call, by method and status code.",
+                ["method", "code"],
+                namespace=NAMESPACE,
+                registry=registry,
+                buckets=LATENCY_BUCKETS,
+            ),
+            grpc_in_flight=Gauge(
+                "grpc_requests_in_flight",
+                "gRPC calls being handled now.",
+                namespace=NAMESPACE,
+                registry=registry,
+            ),
             queue_time=Histogram(
                 "queue_time_seconds",
                 "Time an image waited in the batcher's queue before its batch started.",

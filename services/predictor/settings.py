@@ -37,6 +37,9 @@ class PredictorSettings(ServiceSettings):
 
     port: int = Field(default=8100, ge=1, le=65535)
     """TCP port to listen on."""
+    grpc_port: int = Field(default=8101, ge=0, le=65535)
+    """TCP port of the gRPC endpoint (the Open Inference Protocol's GRPCInferenceService, on
+    the same interface as HTTP); 0 turns it off."""
 
     repository: Path = Path("model_repository")
     """Model repository written by `python -m training publish` (Triton layout)."""

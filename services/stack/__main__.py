@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds = up(settings)
             print(f"stack ready in {seconds:.1f}s (logs: {settings.run_dir / 'logs'})")
             for name, url in urls(settings).items():
-                print(f"  {name:<11} {url}")
+                print(f"  {name:<15} {url}")
         elif args.command == "reload":
             started = time.monotonic()
             results = reload(settings)

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.processes import ServiceProcess
+from tests.processes import ServiceProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 120.0
@@ -36,11 +36,15 @@ def get_json(url: str, timeout: float = 5.0) -> tuple[int, Any]:
 
 
 class PredictorProcess(ServiceProcess):
-    """One ``python -m services.predictor``; ``settings`` are its fields (``engine="onnx"``)."""
+    """One ``python -m services.predictor``; ``settings`` are its fields (``engine="onnx"``).
+    Its gRPC endpoint gets a free port of its own too (``grpc_port=0`` turns it off)."""
 
     def __init__(
         self, repo: Path, log_path: Path, *, port: int | None = None, **settings: object
     ) -> None:
+        settings.setdefault("grpc_port", free_port())
+        self.grpc_port = int(str(settings["grpc_port"]))
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         env = {
             "PREDICTOR_REPOSITORY": str(repo),
             "PREDICTOR_LOG_LEVEL": "info",

@@ -570,7 +570,7 @@ def test_ports_are_the_settings_defaults(monkeypatch: pytest.MonkeyPatch) -> Non
     gateway = settings_from(GatewaySettings, environment("gateway"), monkeypatch)
     triton = defaults(TritonSettings, monkeypatch)
 
-    assert stack["predictor"]["expose"] == [str(predictor.port)]
+    assert stack["predictor"]["expose"] == [str(predictor.port), str(predictor.grpc_port)]
     assert stack["torchserve"]["expose"] == [
         str(p)
         for p in (torchserve.inference_port, torchserve.management_port, torchserve.metrics_port)
