@@ -20,6 +20,9 @@ from services.common.processes import stop_group
 ROOT = Path(__file__).resolve().parents[1]
 
 FIRST_PORT = 10_000  # well clear of the well-known ports and of what services default to
+#: Its own generator, from the OS: the session's training seeds the global one, which would
+#: give every concurrent pytest run on the machine the same ports.
+_START = random.SystemRandom()
 _handed_out: set[int] = set()
 _handing_out = threading.Lock()
 
@@ -53,7 +56,7 @@ def free_ports(count: int) -> list[int]:
     """
     ephemeral = _ephemeral_range()
     candidates = [p for p in range(FIRST_PORT, 65536) if p not in ephemeral]
-    start = random.randrange(len(candidates))  # separate pytest runs start apart
+    start = _START.randrange(len(candidates))  # separate pytest runs start apart
     ports: list[int] = []
     with _handing_out:
         for port in candidates[start:] + candidates[:start]:
