@@ -152,7 +152,7 @@ def parse_body(
     images = []
     for index, text in enumerate(texts):
         try:
-            images.append(EncodedImage(decode_base64(text), text))
+            images.append(EncodedImage(decode_base64(text)))
         except ImageDecodeError as exc:
             where = f"images[{index}]: " if request.images is not None else ""
             raise BadRequest(where + exc.message, exc.code) from None

@@ -1,16 +1,19 @@
-"""One engine contract, three implementations.
+"""One engine contract, two protocols, three engines.
 
-Every engine is reached through its own native API with one pooled keep-alive
-:class:`aiohttp.ClientSession` (created by the app's lifespan, closed on shutdown):
+Every engine is reached with one pooled keep-alive :class:`aiohttp.ClientSession` (created by
+the app's lifespan, closed on shutdown):
 
-* predictor: ``POST /predict`` with the gateway's own JSON body, the base64 text forwarded as the
-  client sent it (it was validated at the edge; this API takes nothing else);
+* the predictor and Triton speak the same Open Inference Protocol with the same model names,
+  so one client serves both (:class:`OpenInferenceBackend`): ``POST
+  /v2/models/<model>_ensemble/infer`` with the binary tensor extension, the images validated at
+  the edge sent as raw bytes in one BYTES tensor ``IMAGE`` ``[n, 1]`` (no base64, no JSON
+  parse of the images on the engine), raw FP32 ``LOGITS`` ``[n, classes]`` read back, softmax
+  and labels applied here (:func:`~services.common.runtime.top_k_predictions`). A call the
+  gateway coalesced is an ordinary tensor batch. The labels of a model version are asked once,
+  with one tiny image and the classification extension (the protocol's only way to tell them);
 * TorchServe: ``POST /predictions/<model>`` with the raw image bytes, ``X-Top-K`` and the
   inference key from TorchServe's ``key_file.json``; one request per image (TorchServe batches
-  concurrent requests itself);
-* Triton: ``POST /v2/models/<model>_ensemble/infer`` with the binary tensor extension (the
-  encoded images travel as raw BYTES, no base64), asking for ``LOGITS`` through the
-  classification extension so that labels come from the model's own label file.
+  concurrent requests itself).
 
 aiohttp rather than httpx: httpx's pool re-scans every connection twice per request and retries
 a failed ``import sniffio`` on every lock, which made its client cost about ten times aiohttp's
@@ -26,6 +29,8 @@ to another engine, :class:`EngineTimeout` becomes a 504.
 from __future__ import annotations
 
 import asyncio
+import functools
+import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,8 +38,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
-import numpy as np
 import orjson
+from PIL import Image
 from yarl import URL
 
 from services.common.errors import image_error_status
@@ -43,11 +48,13 @@ from services.gateway.settings import BackendName, GatewaySettings
 from services.torchserve.config import REFUSED_FILE_NAME, Keys, read_keys, read_refused_versions
 from services.torchserve.workers import ready_workers
 from services.triton.protocol import (
-    LOGITS_OUTPUT,
+    HEADER_LENGTH,
     REFUSED_VERSIONS_PARAMETER,
     binary_infer_request,
     ensemble_name,
     parse_error,
+    read_labels,
+    read_logits,
 )
 
 logger = logging.getLogger(__name__)
@@ -60,9 +67,8 @@ class EncodedImage:
     """One image as validated at the edge."""
 
     data: bytes
-    """The encoded image (PNG, JPEG, ...), base64-decoded once by the gateway."""
-    text: str
-    """The base64 text as the client sent it: the predictor's API takes base64 JSON."""
+    """The encoded image (PNG, JPEG, ...), base64-decoded once by the gateway: what every
+    engine is sent."""
 
 
 @dataclass(slots=True)
@@ -169,6 +175,7 @@ class Reply:
     status: int
     body: bytes
     reason: str = ""
+    header_length: str | None = None  # the binary tensor extension's Inference-Header-...
 
     def text(self) -> str:
         return self.body.decode("utf-8", errors="replace")
@@ -253,7 +260,12 @@ class HttpBackend:
         try:
             async with self.session.request(method, url, data=data, headers=headers) as response:
                 body = await response.read()
-                return Reply(response.status, body, response.reason or "")
+                return Reply(
+                    response.status,
+                    body,
+                    response.reason or "",
+                    response.headers.get(HEADER_LENGTH),
+                )
         except aiohttp.ClientConnectorError as exc:
             raise ConnectFailed(f"{self.name} at {self.base_url} refused: {exc}") from None
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
@@ -300,40 +312,90 @@ def _malformed(backend: str, exc: Exception) -> EngineFault:
     return EngineFault(f"{backend} sent a malformed answer ({type(exc).__name__}: {exc})")
 
 
-class PredictorBackend(HttpBackend):
-    """The predictor's `/predict`, always in the `images` form.
+@functools.cache
+def _label_probe() -> bytes:
+    """One black pixel as a PNG: the smallest valid image, to ask a version for its labels."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
-    Under load the gateway merges concurrent requests into one such call
-    (:mod:`services.gateway.coalescing`); the `images` form also tells the predictor not to
-    hold a call back for its batching delay: the gateway has nothing more to send until a
-    call returns.
+
+class OpenInferenceBackend(HttpBackend):
+    """The one Open Inference Protocol client the predictor and Triton share (see the module
+    docstring); each engine says only how it reports readiness."""
+
+    def __init__(self, base_url: str, settings: GatewaySettings) -> None:
+        super().__init__(base_url, settings)
+        self.model = settings.model
+        self.ensemble = ensemble_name(settings.model)
+        self.infer_url = self.url(f"/v2/models/{self.ensemble}/infer")
+        self.labels: dict[str, list[str]] = {}  # by model version
+        self._asking_labels = asyncio.Lock()
+
+    async def predict(self, images: Sequence[EncodedImage], top_k: int, request_id: str) -> Answer:
+        body, headers = binary_infer_request([image.data for image in images], 0, request_id)
+        headers["x-request-id"] = request_id
+        reply = await self._send("POST", self.infer_url, body, headers)
+        if reply.status != 200:
+            raise self._error(reply)
+        try:
+            version, logits = read_logits(reply.body, reply.header_length, len(images))
+        except (ValueError, KeyError, TypeError, StopIteration) as exc:
+            raise _malformed(self.name, exc) from None
+        labels = await self._labels(version, logits.shape[1])
+        return Answer(self.model, version, top_k_predictions(logits, labels, top_k))
+
+    async def _labels(self, version: str, classes: int) -> list[str]:
+        """The labels of ``version``: asked once, with one tiny image and the classification
+        extension for every class, at that version exactly."""
+        labels = self.labels.get(version)
+        if labels is not None and len(labels) == classes:
+            return labels
+        async with self._asking_labels:
+            labels = self.labels.get(version)
+            if labels is None or len(labels) != classes:
+                path = f"/v2/models/{self.ensemble}/versions/{version}/infer"
+                body, headers = binary_infer_request([_label_probe()], classes)
+                reply = await self._send("POST", self.url(path), body, headers)
+                if reply.status != 200:
+                    raise status_error(self.name, reply)
+                try:
+                    labels = read_labels(reply.body, classes)
+                except (ValueError, KeyError, TypeError, StopIteration) as exc:
+                    raise _malformed(self.name, exc) from None
+                self.labels[version] = labels
+        return labels
+
+    def _error(self, reply: Reply) -> BackendError:
+        """An engine's refusal. The predictor's is ``{"error", "code"}`` (a 4xx is about the
+        images: the rest was checked at the edge); Triton tags our preprocess model's verdict
+        on an image (``[not_an_image] ...``), and its own 400s (shape, datatype) mean the
+        gateway and the model disagree about the protocol: not the caller's fault."""
+        if reply.status == 400:
+            message, code = _error_fields(reply)
+            if code is not None:
+                return EngineRejected(message, code, image_error_status(code))
+            tagged = parse_error(message)
+            if tagged is not None:
+                code, text = tagged
+                return EngineRejected(text, code, image_error_status(code))
+            return EngineFault(f"{self.name} refused the request: {message}", "engine_fault")
+        return status_error(self.name, reply)
+
+
+class PredictorBackend(OpenInferenceBackend):
+    """The predictor, through its Open Inference Protocol API.
+
+    Under load the gateway merges concurrent requests into one call
+    (:mod:`services.gateway.coalescing`): an ordinary tensor batch, which the predictor runs
+    without waiting for its batching delay, as it does any request with a batch axis.
     """
 
     name: BackendName = "predictor"
 
     def __init__(self, settings: GatewaySettings) -> None:
         super().__init__(settings.predictor_url, settings)
-        self.predict_url = self.url("/predict")
         self.ready_url = self.url("/readyz")
-
-    async def predict(self, images: Sequence[EncodedImage], top_k: int, request_id: str) -> Answer:
-        # Always the `images` form, even for one image: it tells the predictor that this call
-        # is a batch already, so it does not hold it back waiting for other requests (the
-        # gateway's other callers are queued here until a call returns).
-        body = {"images": [i.text for i in images], "top_k": top_k}
-        headers = {"content-type": "application/json", "x-request-id": request_id}
-        reply = await self._send("POST", self.predict_url, orjson.dumps(body), headers)
-        if reply.status != 200:
-            raise status_error(self.name, reply)
-        try:
-            answer = reply.json()
-            return Answer(
-                model=str(answer["model"]),
-                version=str(answer["version"]),
-                predictions=answer["predictions"],
-            )
-        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-            raise _malformed(self.name, exc) from None
 
     async def check_ready(self) -> Readiness:
         reply = await self._probe(self.ready_url)
@@ -533,65 +595,14 @@ class TorchServeBackend(HttpBackend):
         return Readiness(True, "ping: healthy")
 
 
-class TritonBackend(HttpBackend):
+class TritonBackend(OpenInferenceBackend):
     name: BackendName = "triton"
 
     def __init__(self, settings: GatewaySettings) -> None:
         super().__init__(settings.triton_url, settings)
-        self.model = settings.model
-        self.ensemble = ensemble_name(settings.model)
         self.metadata_url = self.url(f"/v2/models/{self.ensemble}")
-        self.infer_url = self.url(f"/v2/models/{self.ensemble}/infer")
         self.ready_url = self.url(f"/v2/models/{self.ensemble}/ready")
         self.config_url = self.url(f"/v2/models/{self.model}/config")
-        self.classes: int | None = None
-
-    async def _class_count(self) -> int:
-        """Number of classes, from the ensemble's metadata (asked once)."""
-        if self.classes is None:
-            reply = await self._send("GET", self.metadata_url)
-            if reply.status != 200:
-                raise status_error(self.name, reply)
-            try:
-                outputs = reply.json()["outputs"]
-                shape = next(o["shape"] for o in outputs if o["name"] == LOGITS_OUTPUT)
-                self.classes = int(shape[-1])
-            except (ValueError, KeyError, TypeError, StopIteration, IndexError) as exc:
-                raise _malformed(self.name, exc) from None
-        return self.classes
-
-    async def predict(self, images: Sequence[EncodedImage], top_k: int, request_id: str) -> Answer:
-        classes = await self._class_count()
-        # Every class with its label: the scores Triton sends are logits, and the softmax needs
-        # all of them to give the probabilities the other engines give.
-        body, headers = binary_infer_request([i.data for i in images], classes, request_id)
-        reply = await self._send("POST", self.infer_url, body, headers)
-        if reply.status != 200:
-            raise self._error(reply)
-        try:
-            answer = reply.json()
-            output = next(o for o in answer["outputs"] if o["name"] == LOGITS_OUTPUT)
-            data: list[str] = output["data"]
-            rows = [data[i * classes : (i + 1) * classes] for i in range(len(images))]
-            return Answer(
-                model=self.model,
-                version=str(answer.get("model_version", "")),
-                predictions=[classification_top_k(row, top_k) for row in rows],
-            )
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, StopIteration) as exc:
-            raise _malformed(self.name, exc) from None
-
-    def _error(self, reply: Reply) -> BackendError:
-        if reply.status == 400:
-            message, _ = _error_fields(reply)
-            tagged = parse_error(message)
-            if tagged is not None:  # our preprocess model's verdict on the image
-                code, text = tagged
-                return EngineRejected(text, code, image_error_status(code))
-            # Triton's own 400 (shape, datatype): the gateway and the model disagree about the
-            # protocol, not the caller's fault.
-            return EngineFault(f"triton refused the request: {message}", "engine_fault")
-        return status_error(self.name, reply)
 
     async def check_ready(self) -> Readiness:
         reply = await self._probe(self.ready_url)
@@ -622,20 +633,6 @@ class TritonBackend(HttpBackend):
             return refused_entries(orjson.loads(parameter.get("string_value", "[]")))
         except (orjson.JSONDecodeError, AttributeError, TypeError):
             return ()
-
-
-def classification_top_k(row: Sequence[str], top_k: int) -> list[dict[str, Any]]:
-    """Triton classification strings ``"logit:index:label"`` -> the ``top_k`` best as
-    ``{"label", "class_id", "score"}``, through the same softmax and ranking as the other
-    engines (:func:`~services.common.runtime.top_k_predictions`)."""
-    parsed = [item.split(":", 2) for item in row]
-    classes = max(int(index) for _, index, _ in parsed) + 1
-    logits = np.full(classes, -np.inf, dtype=np.float32)  # a class not listed gets no share
-    labels = [""] * classes
-    for score, index, label in parsed:
-        logits[int(index)] = float(score)
-        labels[int(index)] = label
-    return top_k_predictions(logits, labels, min(top_k, len(parsed)))[0]
 
 
 def create_backends(settings: GatewaySettings) -> dict[BackendName, Backend]:

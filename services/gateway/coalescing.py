@@ -1,4 +1,4 @@
-"""Concurrent predictor requests merged into one `images` call under load.
+"""Concurrent predictor requests merged into one call (one tensor of their images) under load.
 
 Up to ``max_calls`` calls go out at once; requests that arrive while they are busy wait and
 leave together as one call of all their images when one returns (no added delay when the

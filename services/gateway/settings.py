@@ -32,7 +32,8 @@ class GatewaySettings(ServiceSettings):
     """TCP port to listen on."""
 
     model: str = Field(default="classifier", pattern=r"^[A-Za-z0-9_.-]+$")
-    """Model name on the engines (TorchServe's model, Triton's `<model>_ensemble`)."""
+    """Model name on the engines (TorchServe's model; the predictor's and Triton's
+    `<model>_ensemble`)."""
     backends: Annotated[list[BackendName], NoDecode] = Field(
         default_factory=lambda: list(BACKEND_NAMES), min_length=1
     )
@@ -47,7 +48,8 @@ class GatewaySettings(ServiceSettings):
     healthy one in `backends` order; the answer's `backend` and `X-Backend` say who served it."""
 
     predictor_url: str = "http://127.0.0.1:8100"
-    """Base URL of the FastAPI predictor (`POST /predict`, `GET /readyz`)."""
+    """Base URL of the FastAPI predictor (Open Inference Protocol `POST
+    /v2/models/<model>_ensemble/infer`, `GET /readyz`)."""
     torchserve_url: str = "http://127.0.0.1:8180"
     """Base URL of TorchServe's inference API (`POST /predictions/<model>`)."""
     torchserve_management_url: str | None = "http://127.0.0.1:8181"
@@ -87,10 +89,10 @@ class GatewaySettings(ServiceSettings):
     """Pooled keep-alive connections per engine."""
     predictor_coalesce_calls: int = Field(default=1, ge=0, le=64)
     """Calls to the predictor in flight at once before requests that arrive meanwhile are merged
-    into one `images` call (split back per request; a merged call refused for a bad image is
-    retried request by request); 0 sends every request on its own. With 1 the gateway is the
-    batcher and calls carry the most images; 2 lets a predictor with spare cores decode one call
-    while its engine runs the other."""
+    into one call, one tensor of all their images (split back per request; a merged call
+    refused for a bad image is retried request by request); 0 sends every request on its own.
+    With 1 the gateway is the batcher and calls carry the most images; 2 lets a predictor with
+    spare cores decode one call while its engine runs the other."""
 
     max_images: int = Field(default=64, ge=1, le=4096)
     """Most images in one request (the `images` list)."""

@@ -122,7 +122,9 @@ class Engines:
         ensemble = f"{self.torchserve.settings.model}_ensemble"
         return {
             "predictor": sample_sum(
-                predictor, "predictor_http_request_duration_seconds_count", route="/predict"
+                predictor,
+                "predictor_http_request_duration_seconds_count",
+                route="/v2/models/{model_name}/infer",
             ),
             "torchserve": sample_sum(torchserve, "ts_inference_requests_total")
             + sample_sum(torchserve, "Requests4XX")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import math
 import subprocess
 import sys
 
 import httpx
+import numpy as np
+import orjson
 import pytest
 from pydantic import ValidationError
 
@@ -31,11 +32,11 @@ from services.gateway.backends import (
     Readiness,
     Reply,
     TorchServeBackend,
-    classification_top_k,
     status_error,
 )
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.resilience import EngineGuard
+from services.triton.protocol import HEADER_LENGTH, binary_infer_request, read_labels, read_logits
 from tests.gateway.conftest import ROOT, isolated_settings
 from tests.processes import free_port
 
@@ -100,7 +101,7 @@ def test_bad_settings_stop_the_cli_with_status_2() -> None:
 def test_parse_body_accepts_both_shapes() -> None:
     request, images = parse_body(b'{"image": "%s"}' % PNG.encode(), "application/json", 4)
     assert request.top_k == 5 and len(images) == 1
-    assert images[0].data.startswith(b"\x89PNG") and images[0].text == PNG
+    assert images[0].data.startswith(b"\x89PNG")
     body = b'{"images": ["data:image/png;base64,%s", "%s"], "top_k": 2}' % (
         PNG.encode(),
         PNG.encode(),
@@ -161,18 +162,39 @@ def test_engine_answers_map_to_what_the_gateway_does() -> None:
     assert isinstance(fault, EngineFault) and "oops" in fault.message
 
 
-def test_classification_strings_become_softmax_predictions() -> None:
-    logits = [2.0, 0.5, -1.0]
-    row = ["2.000000:0:zero", "0.500000:1:one", "-1.000000:2:two"]
-    predictions = classification_top_k(row[::-1], 2)  # any order in, best first out
-    total = sum(math.exp(v) for v in logits)
-    assert predictions == [
-        {"label": "zero", "class_id": 0, "score": pytest.approx(math.exp(2.0) / total)},
-        {"label": "one", "class_id": 1, "score": pytest.approx(math.exp(0.5) / total)},
-    ]
-    # Labels may contain colons; ties order by class id like the other engines.
-    tied = classification_top_k(["1.0:3:a:b", "1.0:1:c"], 2)
-    assert [(p["class_id"], p["label"]) for p in tied] == [(1, "c"), (3, "a:b")]
+def test_the_v2_binary_request_and_answer_round_trip() -> None:
+    """The gateway's v2 call carries each image's raw bytes (4-byte length first, no base64)
+    after the JSON header, and reads raw FP32 LOGITS, one row per image, back."""
+    images = [b"\x89PNG first", b"second image"]
+    body, headers = binary_infer_request(images, 0, "req-1")
+    split = int(headers[HEADER_LENGTH])
+    header = orjson.loads(body[:split])
+    assert header["id"] == "req-1"
+    assert header["inputs"][0]["shape"] == [2, 1] and header["inputs"][0]["datatype"] == "BYTES"
+    assert header["outputs"] == [{"name": "LOGITS", "parameters": {"binary_data": True}}]
+    assert body[split:] == b"".join(len(i).to_bytes(4, "little") + i for i in images)
+    logits = np.array([[2.0, 0.5, -1.0], [0.0, 1.0, 0.0]], dtype=np.float32)
+    answer_header = orjson.dumps(
+        {
+            "model_name": "classifier_ensemble",
+            "model_version": "3",
+            "outputs": [
+                {"name": "LOGITS", "datatype": "FP32", "shape": [2, 3],
+                 "parameters": {"binary_data_size": logits.nbytes}},
+            ],
+        }
+    )  # fmt: skip
+    version, read = read_logits(answer_header + logits.tobytes(), str(len(answer_header)), 2)
+    assert version == "3" and read.tolist() == logits.tolist()
+    with pytest.raises(ValueError):
+        read_logits(answer_header + logits.tobytes(), str(len(answer_header)), 3)  # 3 images?
+    # Labels are read once per version from a classification of every class (colons allowed).
+    labels = orjson.dumps(
+        {"outputs": [{"name": "LOGITS", "data": ["1.0:2:a:b", "0.5:0:zero", "0.1:1:one"]}]}
+    )
+    assert read_labels(labels, 3) == ["zero", "one", "a:b"]
+    with pytest.raises(ValueError):
+        read_labels(labels, 4)
 
 
 async def test_torchserve_frontend_errors_are_not_the_callers() -> None:
@@ -295,7 +317,7 @@ async def test_a_merged_predictor_call_is_one_engine_call_to_the_breaker_and_met
     metrics = GatewayMetrics.create()
     guard = EngineGuard(backend, settings, metrics)  # type: ignore[arg-type]
     guard.ready = True
-    image = EncodedImage(text=PNG, data=b"png")
+    image = EncodedImage(b"png")
     calls = [asyncio.create_task(guard.predict([image], 1, f"r{i}")) for i in range(8)]
     await asyncio.sleep(0.05)  # the first call is out, the other seven queue behind it
     release.set()

@@ -7,7 +7,6 @@ tests/stack/test_versions.py.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Sequence
 
 import httpx
@@ -29,7 +28,7 @@ from services.predictor.metrics import PredictorMetrics
 from tests.gateway.conftest import isolated_settings
 from tests.processes import free_port
 
-IMAGE = EncodedImage(data=b"png", text=base64.b64encode(b"png").decode())
+IMAGE = EncodedImage(data=b"png")
 
 
 class VersionedBackend:
