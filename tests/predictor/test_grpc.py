@@ -7,13 +7,25 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 
-from services.common.imaging import decode_and_preprocess
+from services.common.errors import (
+    BadRequest,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    Timeout,
+    Unavailable,
+    Unprocessable,
+)
+from services.common.imaging import ImageDecodeError, decode_and_preprocess
+from services.predictor.grpc_api import status_code
+from services.predictor.state import InferenceError
 from tests.conftest import PublishedModel
 from tests.metrics import metric_samples, sample_sum
 from tests.predictor.conftest import PredictorProcess
@@ -163,3 +175,23 @@ def test_a_taken_grpc_port_stops_the_start(
     finally:
         second.stop()
     assert f"cannot listen for gRPC on 127.0.0.1:{predictor.grpc_port}" in second.log()
+
+
+def test_errors_map_to_grpc_codes_by_their_status() -> None:
+    """The mapping every RPC uses: a caller's mistake is never INTERNAL, a full queue is
+    UNAVAILABLE (the client may retry), only a server fault is INTERNAL."""
+    expected = {
+        BadRequest("x"): grpc.StatusCode.INVALID_ARGUMENT,
+        PayloadTooLarge("x"): grpc.StatusCode.INVALID_ARGUMENT,
+        Unprocessable("x"): grpc.StatusCode.INVALID_ARGUMENT,
+        ImageDecodeError("x", "not_an_image"): grpc.StatusCode.INVALID_ARGUMENT,
+        ImageDecodeError("x", "image_too_large"): grpc.StatusCode.INVALID_ARGUMENT,
+        NotFound("x"): grpc.StatusCode.NOT_FOUND,
+        Overloaded("x"): grpc.StatusCode.UNAVAILABLE,
+        Unavailable("x"): grpc.StatusCode.UNAVAILABLE,
+        Timeout("x"): grpc.StatusCode.DEADLINE_EXCEEDED,
+        InferenceError("x"): grpc.StatusCode.INTERNAL,
+    }
+    assert {type(e).__name__ + e.code: status_code(e) for e in expected} == {
+        type(e).__name__ + e.code: code for e, code in expected.items()
+    }
