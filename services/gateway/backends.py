@@ -367,18 +367,19 @@ class OpenInferenceBackend(HttpBackend):
         return labels
 
     def _error(self, reply: Reply) -> BackendError:
-        """An engine's refusal. The predictor's is ``{"error", "code"}`` (a 4xx is about the
-        images: the rest was checked at the edge); Triton tags our preprocess model's verdict
-        on an image (``[not_an_image] ...``), and its own 400s (shape, datatype) mean the
-        gateway and the model disagree about the protocol: not the caller's fault."""
+        """An engine's refusal. Both tag a verdict on an image with its decoder's code
+        (``[not_an_image] ...``: our preprocess model in Triton, the predictor's v2 API); the
+        predictor's other 4xx carry ``{"error", "code"}`` (about the images: the rest was
+        checked at the edge); Triton's own 400s (shape, datatype) mean the gateway and the
+        model disagree about the protocol: not the caller's fault."""
+        message, code = _error_fields(reply)
+        tagged = parse_error(message) if 400 <= reply.status < 500 else None
+        if tagged is not None:
+            code, text = tagged
+            return EngineRejected(text, code, image_error_status(code))
         if reply.status == 400:
-            message, code = _error_fields(reply)
             if code is not None:
-                return EngineRejected(message, code, image_error_status(code))
-            tagged = parse_error(message)
-            if tagged is not None:
-                code, text = tagged
-                return EngineRejected(text, code, image_error_status(code))
+                return EngineRejected(message, code, 400)
             return EngineFault(f"{self.name} refused the request: {message}", "engine_fault")
         return status_error(self.name, reply)
 

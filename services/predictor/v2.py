@@ -43,6 +43,7 @@ from services.common.errors import (
     ServiceError,
     describe_validation,
 )
+from services.common.imaging import ImageDecodeError
 from services.common.runtime import FloatArray, LoadedModel
 from services.common.schemas import ErrorResponse
 from services.predictor import SERVER_NAME, SERVER_VERSION
@@ -461,7 +462,9 @@ async def run_infer(
 ) -> InferResult:
     """Parse (in the decode pool: big JSON tensors take milliseconds) and check a request,
     run it through the batcher (a request's rows are its batch axis), build its outputs, and
-    count it in the inference statistics, failed or not."""
+    count it in the inference statistics, failed or not. An image that cannot be decoded is
+    refused with its decoder's code in brackets, ``[not_an_image] ...``, as Triton's
+    ``preprocess`` model does (:func:`services.triton.protocol.parse_error` reads it)."""
     start = time.perf_counter()
     version = str(model.number)
     try:
@@ -479,6 +482,11 @@ async def run_infer(
         built = time.perf_counter()
         outputs = build_outputs(model, prepared.outputs, logits)
         done = time.perf_counter()
+    except ImageDecodeError as exc:
+        state.statistics.failure(served.name, version, time.perf_counter() - start)
+        # Tagged as Triton's preprocess model tags it: a client reading only the message
+        # (tritonclient, the KServe SDK, gRPC) still gets the machine code.
+        raise ImageDecodeError(f"[{exc.code}] {exc.message}", exc.code) from None
     except ServiceError:
         state.statistics.failure(served.name, version, time.perf_counter() - start)
         raise

@@ -171,6 +171,7 @@ async def test_a_merged_call_is_split_back_and_a_bad_image_fails_only_its_reques
             responses = await asyncio.gather(*(client.post("/predict", json=b) for b in bodies))
     assert responses[bad].status_code == 400, responses[bad].text
     assert responses[bad].json()["code"] == "not_an_image"
+    assert responses[bad].json()["error"] == "data is not a recognised image format"  # untagged
     for index, response in enumerate(responses):
         if index != bad:
             assert response.status_code == 200, response.text
