@@ -11,7 +11,7 @@ TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: help install train-and-publish test lint gpu-check clean \
-	triton-up triton-down triton-status triton-bench up down reload status compose-check k8s-check bench bench-engines gateway bench-gateway predictor predictor-bench precision-bench \
+	triton-up triton-down triton-status triton-bench up down reload status compose-check compose-test k8s-check bench bench-engines gateway bench-gateway predictor predictor-bench precision-bench \
 	torchserve-up torchserve-down torchserve-status torchserve-reload torchserve-bench perf-analyzer
 
 help: ## list targets
@@ -55,6 +55,9 @@ compose-check: install ## validate compose.yaml, the Dockerfiles, Prometheus and
 
 k8s-check: install ## render and validate the Kubernetes manifests offline (no cluster needed)
 	$(PY) -m pytest tests/deploy/test_kubernetes_static.py -q
+
+compose-test: install ## build the images and run the stack under Docker for real (tests/stack/test_compose_up.py; root or a running engine)
+	$(PY) -m pytest tests/stack/test_compose_up.py -q -s $(PYTEST_ARGS)
 
 test: install ## the whole test suite (what CI runs)
 	$(PY) -m pytest $(PYTEST_ARGS)
