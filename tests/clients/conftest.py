@@ -24,7 +24,7 @@ from tests.predictor.conftest import start_predictor
 from tests.processes import free_ports, processes_naming
 from tests.triton.conftest import triton_settings
 
-#: The engines every client test runs against. The predictor joins once its gRPC service is in.
+#: The engines every client test runs against.
 ENGINES = ["triton", "predictor"]
 
 
@@ -97,19 +97,3 @@ def perf_analyzer_tool() -> perf_analyzer.PerfAnalyzer:
 def kserve_python() -> Path:
     """The KServe SDK's own interpreter (its pins conflict with ours)."""
     return kserve_venv.kserve_python()
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The predictor's gRPC service has not landed yet: its gRPC cases (tritonclient gRPC, the
-    KServe SDK's gRPC client, perf_analyzer over gRPC) are left out until it does, and pytest's
-    summary counts them as deselected. Remove this hook once ``PREDICTOR_GRPC_PORT`` exists."""
-    pending = [
-        item
-        for item in items
-        if item.nodeid.startswith("tests/clients/")
-        and "[predictor-" in item.nodeid
-        and "grpc" in item.nodeid
-    ]
-    if pending:
-        config.hook.pytest_deselected(items=pending)
-        items[:] = [item for item in items if item not in pending]
