@@ -71,9 +71,6 @@ OVERLAYS = ("cpu", "gpu", "kserve")
 #: Everything that renders: the base, the overlays, and the cpu overlay with the component.
 TARGETS = ("base", *OVERLAYS, "cpu+request-rate")
 ENGINES = ("predictor", "torchserve", "triton")
-#: The predictor's gRPC port (the Open Inference Protocol issue); checked against
-#: PredictorSettings.grpc_port once that setting exists.
-PREDICTOR_GRPC_PORT = 8101
 #: What each Deployment's main container is, by the settings class of its code.
 SETTINGS: dict[str, type[BaseSettings]] = {
     "predictor": PredictorSettings,
@@ -416,7 +413,7 @@ def probe_target(container: Object, probe: Object) -> tuple[int, str]:
 
 
 def predictor_grpc_port(monkeypatch: pytest.MonkeyPatch) -> int:
-    return int(getattr(defaults(PredictorSettings, monkeypatch), "grpc_port", PREDICTOR_GRPC_PORT))
+    return defaults(PredictorSettings, monkeypatch).grpc_port
 
 
 @pytest.mark.parametrize("target", ["base", "cpu", "gpu"], ids=target_id)
