@@ -24,7 +24,8 @@ from the forward pass) fails the whole batch, which TorchServe answers with 503.
 
 Every batch is counted in the ``HandlerBatches`` metric (label ``BatchSize``; declared in
 services/torchserve/metrics.yaml, exported on TorchServe's /metrics) and logged as
-``batch_size=N`` in model_log.log, so batching can be checked rather than assumed.
+``batch_size=N`` in TorchServe's log (``ts_log.log``), so batching can be checked rather
+than assumed.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ TOP_K_HEADER = "x-top-k"
 #: Custom model metric (declared in the metrics config the launcher writes), one count per
 #: batch, labelled with the batch size: proves from /metrics that requests were batched.
 BATCH_METRIC = "HandlerBatches"
-#: Also logged per batch (model_log.log), for a second, metric-independent witness.
+#: Also logged per batch (TorchServe's log), for a second, metric-independent witness.
 BATCH_LOG_PREFIX = "batch_size="
 
 _JSON_TYPES = ("application/json",)

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from services.torchserve.launcher import Instance, describe
+from services.torchserve.logs import MAIN_LOG
 from tests.conftest import PublishedModel
 from tests.images import png_bomb
 
@@ -156,8 +157,8 @@ def test_concurrent_requests_are_batched(
         <= torchserve.registration.batch_size
     )
 
-    # The handler's own log line (model_log.log) is a second witness.
-    log = (torchserve.settings.log_dir / "model_log.log").read_text()
+    # The handler's own log line (the workers' lines go to ts_log.log) is a second witness.
+    log = (torchserve.settings.log_dir / MAIN_LOG).read_text()
     assert max(int(m) for m in re.findall(r"batch_size=(\d+)", log)) > 1
 
 
