@@ -75,7 +75,12 @@ async def _running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 
 def _settings(published: PublishedModel, **overrides: Any) -> PredictorSettings:
-    values: dict[str, Any] = {"repository": published.repo, "poll_interval_s": 0} | overrides
+    # No gRPC port: the app runs in this process, beside servers that may hold the default one.
+    values: dict[str, Any] = {
+        "repository": published.repo,
+        "poll_interval_s": 0,
+        "grpc_port": 0,
+    } | overrides
     return PredictorSettings(**values)
 
 
