@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from services.common.processes import processes_naming as services_processes_naming
 from services.common.processes import stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,19 +141,15 @@ def wait_for(
 
 
 def processes_naming(folder: Path) -> list[str]:
-    """Live processes whose command line names ``folder``, read from /proc independently of
-    any launcher's bookkeeping (TorchServe's wrapper, JVM and workers, tritonserver and its
-    python stubs all name their run folder)."""
-    needle = str(folder.resolve()).encode()
+    """Live processes whose command line names ``folder``, each as ``pid: command line``: read
+    from /proc independently of any launcher's bookkeeping (TorchServe's wrapper, JVM and
+    workers, tritonserver and its python stubs all name their run folder)."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
+    for pid in services_processes_naming(folder.resolve()):
         try:
-            cmdline = (entry / "cmdline").read_bytes()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
-            continue
-        if needle in cmdline:  # a zombie has an empty command line and does not count
-            text = cmdline.replace(b"\0", b" ").decode(errors="replace")
-            found.append(f"{entry.name}: {text}")
+            continue  # exited since
+        text = cmdline.replace(b"\0", b" ").decode(errors="replace")
+        found.append(f"{pid}: {text}")
     return found
