@@ -9,12 +9,18 @@ label values) and status code.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import re
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, multiprocess
 from prometheus_client import generate_latest as _generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 from starlette.responses import Response
@@ -51,6 +57,7 @@ def http_metrics(registry: CollectorRegistry, namespace: str) -> tuple[Histogram
         "Requests being handled now.",
         namespace=namespace,
         registry=registry,
+        multiprocess_mode="livesum",
     )
     return duration, in_flight
 
@@ -122,6 +129,45 @@ METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+#: prometheus_client's switch to multiprocess mode: the folder every process writes its values
+#: to (read when prometheus_client is first imported, so set before the workers start).
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_LIVE_GAUGE_FILE = re.compile(r"^gauge_live\w+_(\d+)\.db$")
+
+
+@contextlib.contextmanager
+def multiprocess_folder() -> Iterator[Path]:
+    """A fresh, empty multiprocess folder in the environment for the workers this process is
+    about to spawn, removed when they are done. Each gauge says how the workers' values combine
+    (``multiprocess_mode``; ignored by a single process); counters and histograms add up."""
+    folder = Path(tempfile.mkdtemp(prefix="prometheus-workers-"))
+    previous = os.environ.get(MULTIPROCESS_ENV)
+    os.environ[MULTIPROCESS_ENV] = str(folder)
+    try:
+        yield folder
+    finally:
+        if previous is None:
+            os.environ.pop(MULTIPROCESS_ENV, None)
+        else:
+            os.environ[MULTIPROCESS_ENV] = previous
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _forget_dead_workers(folder: str) -> None:
+    """Drop the live gauges of workers that died (their supervisor replaced them), so that an
+    in-flight or queue-depth sum does not count a process that is gone."""
+    for entry in Path(folder).iterdir():
+        match = _LIVE_GAUGE_FILE.match(entry.name)
+        if match and not Path(f"/proc/{match[1]}").exists():
+            multiprocess.mark_process_dead(int(match[1]), folder)  # type: ignore[no-untyped-call]
+
+
 def metrics_response(registry: CollectorRegistry) -> Response:
-    """``GET /metrics`` body in the Prometheus text format."""
+    """``GET /metrics`` body in the Prometheus text format: ``registry``'s metrics, or, when
+    the service runs as several workers, every worker's, combined."""
+    folder = os.environ.get(MULTIPROCESS_ENV)
+    if folder:
+        _forget_dead_workers(folder)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, folder)  # type: ignore[no-untyped-call]
     return Response(_generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

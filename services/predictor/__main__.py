@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         create_app,
         argv,
         describe=PredictorSettings.overrides_report,
+        workers=lambda settings: settings.workers,
     )
 
 

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
@@ -26,7 +27,7 @@ from services.common.errors import Unavailable
 from services.common.heap import freeze_startup_heap
 from services.common.http import NO_FASTAPI_TELEMETRY, install_service_middleware
 from services.common.imaging import InputSpec, decode_base64
-from services.common.metrics import METRICS_RESPONSES, metrics_response
+from services.common.metrics import METRICS_RESPONSES, MULTIPROCESS_ENV, metrics_response
 from services.common.repository import RepositoryError
 from services.common.runtime import (
     EngineError,
@@ -140,6 +141,12 @@ def default_loader(settings: PredictorSettings, device: str) -> Loader:
     return load
 
 
+async def _report_queue_depth(metrics: PredictorMetrics, batcher: DynamicBatcher) -> None:
+    while True:
+        metrics.queue_depth.set(batcher.depth)
+        await asyncio.sleep(1.0)
+
+
 def create_app(settings: PredictorSettings | None = None, loader: Loader | None = None) -> FastAPI:
     """The app; ``loader`` replaces the repository loader (tests use a failing one)."""
     settings = settings or PredictorSettings()
@@ -191,9 +198,16 @@ def create_app(settings: PredictorSettings | None = None, loader: Loader | None 
             )
             manager.on_swap = batcher.follow
             queue = batcher
-            metrics.queue_depth.set_function(lambda: queue.depth)
             batcher.start()
             state = PredictorState(settings, metrics, manager, batcher, decode_pool)
+            if os.environ.get(MULTIPROCESS_ENV):
+                # One of several workers: /metrics reads the workers' shared files, which a
+                # callback gauge never writes, so this worker writes its depth every second.
+                state.background.append(
+                    asyncio.create_task(_report_queue_depth(metrics, queue), name="queue-depth")
+                )
+            else:
+                metrics.queue_depth.set_function(lambda: queue.depth)
             if settings.grpc_port:
                 try:
                     grpc_server = await start_grpc_server(state)

@@ -226,14 +226,16 @@ def parse_infer(request: Message) -> v2.InferCall:
 
 async def start_grpc_server(state: PredictorState) -> grpc.aio.Server:
     """The service on ``PREDICTOR_HOST``:``PREDICTOR_GRPC_PORT``, started; RuntimeError when
-    the port cannot be bound (SO_REUSEPORT off: a second server must not share the port)."""
+    the port cannot be bound. SO_REUSEPORT is on only with ``PREDICTOR_WORKERS`` above 1, so
+    that the workers share the port (the kernel spreads connections over them); a single
+    server must not share its port with anything."""
     settings = state.settings
     limit = settings.max_body_bytes * HARD_LIMIT_FACTOR + 64 * 1024
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(settings.workers > 1)),
         ]
     )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(state), server)

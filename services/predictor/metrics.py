@@ -1,5 +1,10 @@
 """The predictor's Prometheus metrics, all in one per-app registry (docs/architecture.md
-"Metrics")."""
+"Metrics").
+
+With ``PREDICTOR_WORKERS`` above 1, ``/metrics`` combines every worker's values: counters and
+histograms add up, and each gauge's ``multiprocess_mode`` says how (in-flight and queue depth
+add up; ``model_version`` is the lowest version a live worker serves, so it moves only once
+every worker has reloaded; ``refused_versions`` the most any worker refused)."""
 
 from __future__ import annotations
 
@@ -49,6 +54,7 @@ class PredictorMetrics:
                 "gRPC calls being handled now.",
                 namespace=NAMESPACE,
                 registry=registry,
+                multiprocess_mode="livesum",
             ),
             queue_time=Histogram(
                 "queue_time_seconds",
@@ -91,17 +97,20 @@ class PredictorMetrics:
                 "start-up or on reload; /readyz lists them with the reason.",
                 namespace=NAMESPACE,
                 registry=registry,
+                multiprocess_mode="livemax",
             ),
             model_version=Gauge(
                 "model_version",
                 "Version being served (0 before the first load).",
                 namespace=NAMESPACE,
                 registry=registry,
+                multiprocess_mode="livemin",
             ),
             queue_depth=Gauge(
                 "queue_depth",
                 "Images waiting for a batch now.",
                 namespace=NAMESPACE,
                 registry=registry,
+                multiprocess_mode="livesum",
             ),
         )

@@ -41,6 +41,13 @@ class PredictorSettings(ServiceSettings):
     """TCP port of the gRPC endpoint (the Open Inference Protocol's GRPCInferenceService, on
     the same interface as HTTP); 0 turns it off."""
 
+    workers: int = Field(default=1, ge=1, le=64)
+    """Server processes on the one port (HTTP and gRPC), each with its own model, batcher and
+    inference threads, so that a many-core host is not held to one interpreter's GIL; a worker
+    that dies is restarted. `/metrics` combines them all. 1 is best where the predictor shares
+    a core or two with other services (a second process only competes for them); each worker
+    follows new versions on its own poll, so for up to one poll interval they may differ."""
+
     repository: Path = Path("model_repository")
     """Model repository written by `python -m training publish` (Triton layout)."""
     model: str = Field(default="classifier", pattern=r"^[A-Za-z0-9_.-]+$")
