@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import json
 import os
 import resource
@@ -48,6 +49,7 @@ from loadtests.harness import (
     CpuMeter,
     HttpSender,
     PinnedProcess,
+    cpu_list,
     cpu_ms_per_request,
     http_ready,
     http_request,
@@ -60,6 +62,7 @@ from loadtests.harness import (
 from loadtests.predictor_bench import MODEL, start_predictor
 from loadtests.targets import AnswerError, parse_predict_response, parse_triton_classification
 from loadtests.torchserve_bench import _free_ports, bench_settings, is_ready
+from services.common.debian import PackageError, apt_install
 from services.torchserve.config import TorchServeSettings, read_keys
 from services.torchserve.launcher import down, instance_processes
 from services.triton.launcher import LocalTriton
@@ -200,21 +203,28 @@ def _check_torchserve(answer: bytes) -> None:
         raise AnswerError(f"no class scores in {answer[:200]!r}")
 
 
-def predictor_candidate(repo: Path, engine: str, cpu: int, image: bytes) -> Candidate:
-    """The predictor on ``engine``, started by the predictor bench's own starter."""
+def predictor_candidate(
+    repo: Path, engine: str, cpus: set[int], image: bytes, workers: int = 1
+) -> Candidate:
+    """The predictor on ``engine`` as ``workers`` processes, started by the predictor bench's
+    own starter."""
     (port,) = _free_ports(1)
-    server = start_predictor(repo, engine, cpu, None, port)
+    server = start_predictor(repo, engine, cpus, None, port, workers=workers)
     body = json.dumps({"image": base64.b64encode(image).decode(), "top_k": 1}).encode()
     headers = {"Content-Type": "application/json"}
 
     def target() -> Target:
         return Target(port, "/predict", body, headers, _check_predictor)
 
-    return Candidate(f"predictor ({engine})", server, target, server.cpu_seconds, server.stop)
+    name = f"predictor ({engine})" if workers == 1 else f"predictor ({engine}, {workers} workers)"
+    return Candidate(name, server, target, server.cpu_seconds, server.stop)
 
 
-def triton_candidate(repo: Path, cpu: int, image: bytes, run_dir: Path) -> Candidate:
-    """The local tritonserver (``python -m services.triton run``) on free ports."""
+def triton_candidate(
+    repo: Path, cpus: set[int], image: bytes, run_dir: Path, instances: int | None = None
+) -> Candidate:
+    """The local tritonserver (``python -m services.triton run``) on free ports; ``instances``
+    overrides the model's instance count (classifier instances)."""
     http, grpc, metrics = _free_ports(3)
     settings = TritonSettings(
         repository=repo,
@@ -232,6 +242,8 @@ def triton_candidate(repo: Path, cpu: int, image: bytes, run_dir: Path) -> Candi
         "TRITON_GRPC_PORT": str(grpc),
         "TRITON_METRICS_PORT": str(metrics),
     }
+    if instances is not None:
+        env["TRITON_INSTANCE_COUNT"] = str(instances)
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("TRITON_")}
     base = f"http://{settings.http_url}"
     checks = [
@@ -244,7 +256,7 @@ def triton_candidate(repo: Path, cpu: int, image: bytes, run_dir: Path) -> Candi
         "tritonserver",
         [sys.executable, "-m", "services.triton", "run"],  # it becomes tritonserver
         inherited | env,
-        cpus={cpu},
+        cpus=cpus,
         ready=lambda: all(check() for check in checks),
         log=log,
     )
@@ -266,7 +278,7 @@ def triton_candidate(repo: Path, cpu: int, image: bytes, run_dir: Path) -> Candi
     )
 
 
-def torchserve_candidate(repo: Path, cpu: int, image: bytes, run_dir: Path) -> Candidate:
+def torchserve_candidate(repo: Path, cpus: set[int], image: bytes, run_dir: Path) -> Candidate:
     """TorchServe (``python -m services.torchserve up --foreground``) on free ports."""
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("TORCHSERVE_")}
     # Generous: every candidate starts at once on one CPU, the JVM the slowest of them.
@@ -278,7 +290,7 @@ def torchserve_candidate(repo: Path, cpu: int, image: bytes, run_dir: Path) -> C
         "TorchServe launcher",
         [sys.executable, "-m", "services.torchserve", "up", "--foreground"],
         inherited | env | {"TORCHSERVE_MODEL": MODEL, "TORCHSERVE_START_TIMEOUT_S": "300"},
-        cpus={cpu},
+        cpus=cpus,
         ready=lambda: is_ready(settings),
         log=log,
     )
@@ -385,20 +397,24 @@ LoadGenerator = Wrk | HarnessClient
 
 def start(args: argparse.Namespace, image: bytes, folder: Path) -> list[Candidate]:
     """Every candidate asked for, started at once, then each waited on and checked."""
-    factories: dict[str, Callable[[], Candidate]] = {
-        "torchscript": lambda: predictor_candidate(
-            args.repo, "torchscript", args.server_cpu, image
-        ),
-        "onnx": lambda: predictor_candidate(args.repo, "onnx", args.server_cpu, image),
-        "triton": lambda: triton_candidate(args.repo, args.server_cpu, image, folder / "triton"),
-        "torchserve": lambda: torchserve_candidate(
-            args.repo, args.server_cpu, image, folder / "torchserve" / "run"
-        ),
+    cpus = set(args.server_cpu)
+    factories: dict[str, list[Callable[[], Candidate]]] = {
+        engine: [
+            functools.partial(predictor_candidate, args.repo, engine, cpus, image, workers)
+            for workers in args.workers
+        ]
+        for engine in ("torchscript", "onnx")
     }
+    factories["triton"] = [
+        lambda: triton_candidate(args.repo, cpus, image, folder / "triton", args.triton_instances)
+    ]
+    factories["torchserve"] = [
+        lambda: torchserve_candidate(args.repo, cpus, image, folder / "torchserve" / "run")
+    ]
     candidates: list[Candidate] = []
     try:
         for name in args.candidates:
-            candidates.append(factories[name]())
+            candidates.extend(factory() for factory in factories[name])
         for candidate in candidates:
             try:
                 candidate.server.wait_ready(timeout_s=candidate.ready_timeout_s)
@@ -491,10 +507,14 @@ def load_average() -> str:
 def run(args: argparse.Namespace) -> int:
     if args.seconds < 1 or args.warmup < 0:
         raise BenchError("--seconds must be at least 1 and --warmup at least 0 (whole seconds)")
-    pin_load_generator({args.server_cpu}, {args.client_cpu})
+    pin_load_generator(set(args.server_cpu), set(args.client_cpu))
     wrk = shutil.which("wrk")
     if args.client == "wrk" and wrk is None:
-        raise BenchError("wrk is not installed (apt-get install wrk), or use --client harness")
+        try:
+            apt_install("wrk", "--client wrk")
+        except PackageError as exc:
+            raise BenchError(f"{exc}; or use --client harness") from None
+        wrk = shutil.which("wrk")
     image = held_out_pngs(1)[0]
     with tempfile.TemporaryDirectory(prefix="engines-bench-") as tmp:
         folder = Path(tmp)
@@ -509,11 +529,15 @@ def run(args: argparse.Namespace) -> int:
         load_after = load_average()
     client = "wrk (one thread)" if isinstance(generator, Wrk) else "the harness's client"
     print(
-        f"servers pinned to CPU {args.server_cpu}, {client} pinned to CPU {args.client_cpu}; "
+        f"servers pinned to CPU {cpu_list(args.server_cpu)}, {client} pinned to CPU "
+        f"{cpu_list(args.client_cpu)}; "
         f"{args.rounds} round(s) of {args.seconds}s per cell after {args.warmup}s warm-up; "
         f"load average {load_before} before, {load_after} after"
     )
-    print(serving_line("every engine", args.repo, MODEL) + "\n")
+    print(serving_line("every engine", args.repo, MODEL))
+    if args.triton_instances is not None:
+        print(f"Triton runs {args.triton_instances} classifier instance(s) (TRITON_INSTANCE_COUNT)")
+    print()
     print(table(cells) + "\n")
     for line in ratio_lines(cells, args.concurrency):
         print(line)
@@ -544,8 +568,22 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m loadtests.engines_bench", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--repo", type=Path, default=Path("model_repository"))
-    parser.add_argument("--server-cpu", type=int, default=0)
-    parser.add_argument("--client-cpu", type=int, default=1)
+    parser.add_argument(
+        "--server-cpu", type=int, nargs="+", default=[0], help="CPUs of every server"
+    )
+    parser.add_argument(
+        "--client-cpu", type=int, nargs="+", default=[1], help="CPUs of the load generator"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="PREDICTOR_WORKERS: a predictor candidate per count (e.g. 1 2)",
+    )
+    parser.add_argument(
+        "--triton-instances", type=int, help="classifier instances of Triton (default: the model's)"
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--seconds", type=int, default=5, help="measured seconds per cell")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured seconds per server")

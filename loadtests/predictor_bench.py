@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import cast
@@ -72,13 +73,16 @@ def predict_bodies(count: int = 16) -> list[bytes]:
 def start_predictor(
     repo: Path,
     engine: str,
-    cpu: int,
+    cpu: int | Collection[int],
     max_batch_size: int | None,
     port: int,
     precision: str = "fp32",
+    workers: int = 1,
 ) -> PinnedProcess:
-    """The predictor on ``cpu``; ``max_batch_size`` overrides the model's (None: the model's)."""
+    """The predictor on ``cpu`` (one or several), as ``workers`` processes; ``max_batch_size``
+    overrides the model's (None: the model's)."""
     env = {
+        "PREDICTOR_WORKERS": str(workers),
         "PREDICTOR_REPOSITORY": str(repo),
         "PREDICTOR_PORT": str(port),
         "PREDICTOR_ENGINE": engine,
@@ -90,7 +94,7 @@ def start_predictor(
     }
     if max_batch_size is not None:
         env["PREDICTOR_MAX_BATCH_SIZE"] = str(max_batch_size)
-    return service("predictor", env, {cpu}, port)
+    return service("predictor", env, {cpu} if isinstance(cpu, int) else set(cpu), port)
 
 
 def run_cell(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -22,6 +21,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from services.common.debian import PackageError, apt_install
 from services.common.processes import ProcessesSurvived, stop_processes
 from services.common.repository import RepositoryError, list_versions, load_version
 from services.stack.settings import StackSettings
@@ -244,20 +244,16 @@ def ensure_prometheus(settings: StackSettings) -> None:
     """Debian's prometheus package, installed when absent (needs root and apt)."""
     if settings.prometheus_binary.is_file():
         return
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+    try:
+        apt_install("prometheus", "the local stack")
+    except PackageError as exc:
         raise StackError(
-            f"{settings.prometheus_binary} is missing: install Debian's prometheus package "
-            "(apt-get install prometheus) or set STACK_PROMETHEUS_BINARY"
+            f"{settings.prometheus_binary} is missing: {exc}, or set STACK_PROMETHEUS_BINARY"
+        ) from None
+    if not settings.prometheus_binary.is_file():
+        raise StackError(
+            f"{settings.prometheus_binary} is still missing after apt-get install prometheus"
         )
-    logger.info("installing Debian's prometheus package (apt-get)")
-    env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
-    for command in (
-        ["apt-get", "update", "-qq"],
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"],
-    ):
-        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise StackError(f"{' '.join(command)} failed: {done.stderr.strip()[-500:]}")
 
 
 def ensure_model(settings: StackSettings) -> None:
