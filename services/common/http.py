@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse
 from fastapi.telemetry import TelemetryConfig
 from prometheus_client import Gauge, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.errors import (
@@ -59,6 +60,21 @@ NO_FASTAPI_TELEMETRY: TelemetryConfig = {
     "logs": False,
     "operation_spans": False,
 }
+
+
+class FastRoute(Route):
+    """A plain Starlette route for a hot endpoint, put in front of FastAPI's route for the same
+    path (``app.router.routes.insert(0, ...)``), which stays for the OpenAPI document. It skips
+    FastAPI's per-request machinery (dependency resolution, endpoint wrapping), a noticeable
+    share of the CPU a small request costs; like FastAPI's, it records itself in the scope, so
+    the request metrics label its requests with the route template. Errors still reach the
+    app's exception handlers."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child_scope = super().matches(scope)
+        if match != Match.NONE:
+            child_scope["route"] = self
+        return match, child_scope
 
 
 def install_service_middleware(

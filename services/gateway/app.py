@@ -29,7 +29,6 @@ from urllib.parse import parse_qs
 import orjson
 from fastapi import FastAPI, Request, Response
 from starlette.datastructures import MutableHeaders
-from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.errors import (
@@ -38,7 +37,7 @@ from services.common.errors import (
     ServiceError,
 )
 from services.common.heap import freeze_startup_heap
-from services.common.http import NO_FASTAPI_TELEMETRY, install_service_middleware
+from services.common.http import NO_FASTAPI_TELEMETRY, FastRoute, install_service_middleware
 from services.common.imaging import ImageDecodeError, decode_base64
 from services.common.metrics import METRICS_RESPONSES, labelled, metrics_response
 from services.common.schemas import (
@@ -78,17 +77,6 @@ _PREDICT_DOC: dict[str, Any] = {
         "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
     },
 }
-
-
-class FastRoute(Route):
-    """A plain Starlette route that, like FastAPI's, records itself in the scope, so the
-    request metrics label its requests with the route template."""
-
-    def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        match, child_scope = super().matches(scope)
-        if match != Match.NONE:
-            child_scope["route"] = self
-        return match, child_scope
 
 
 class Unauthorized(ServiceError):

@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request, Response
 
 from services.common.errors import Unavailable
 from services.common.heap import freeze_startup_heap
-from services.common.http import NO_FASTAPI_TELEMETRY, install_service_middleware
+from services.common.http import NO_FASTAPI_TELEMETRY, FastRoute, install_service_middleware
 from services.common.imaging import InputSpec, decode_base64
 from services.common.metrics import METRICS_RESPONSES, MULTIPROCESS_ENV, metrics_response
 from services.common.repository import RepositoryError
@@ -310,6 +310,12 @@ def create_app(settings: PredictorSettings | None = None, loader: Loader | None 
 
     # After /predict and /noop: routes are matched in order, and the hot ones go first.
     app.include_router(v2.router)
+    # The two hot routes, /predict and v2 infer (the gateway's hop), also as plain Starlette
+    # routes in front of FastAPI's, calling the same code (FastRoute says why).
+    app.router.routes[:0] = [
+        FastRoute("/predict", predict, methods=["POST"]),
+        FastRoute(v2.INFER_PATH, v2.fast_infer, methods=["POST"]),
+    ]
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:

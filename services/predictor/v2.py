@@ -48,7 +48,7 @@ from services.common.runtime import FloatArray, LoadedModel
 from services.common.schemas import ErrorResponse
 from services.predictor import SERVER_NAME, SERVER_VERSION
 from services.predictor.batcher import Decoder, RequestTiming, decode_image
-from services.predictor.state import PredictorState, StateDep
+from services.predictor.state import PredictorState, StateDep, get_state
 from services.triton.model_configs import LABELS_FILE, triton_batching
 from services.triton.protocol import IMAGE_INPUT, LOGITS_OUTPUT, ensemble_name
 
@@ -842,6 +842,16 @@ async def _infer(
         functools.partial(parse_rest_infer, body, header_length, name, version),
     )
     return encode_rest_infer(result)
+
+
+#: The infer route's full path (the router's prefix included), for the app's fast route.
+INFER_PATH = "/v2/models/{model_name}/infer"
+
+
+async def fast_infer(request: Request) -> Response:
+    """``infer`` without FastAPI's dependency resolution (see :class:`~services.common.http.
+    FastRoute`): the state and the model name read directly."""
+    return await _infer(get_state(request), request, request.path_params["model_name"], None)
 
 
 @router.post("/models/{model_name}/infer", openapi_extra=_INFER_DOC, responses=_INFER_RESPONSES)
