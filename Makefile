@@ -9,6 +9,7 @@ INSTALLED := $(VENV)/.installed
 REPO ?= model_repository
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
+BENCH_GATEWAY_ARGS ?=
 
 .PHONY: help install train-and-publish test lint gpu-check clean \
 	triton-up triton-down triton-status triton-bench up down reload status compose-check compose-test k8s-check bench bench-engines gateway bench-gateway predictor predictor-bench precision-bench \
@@ -118,8 +119,8 @@ torchserve-bench: install ## TorchServe start-to-ready time and p50/p99 of 200 s
 gateway: install ## run the gateway on :8000 in front of the engines (settings: GATEWAY_*)
 	$(PY) -m services.gateway
 
-bench-gateway: install ## what the gateway costs: added p50 at concurrency 1, throughput ratio at 16
-	$(PY) -m loadtests.gateway_bench --repo $(REPO)
+bench-gateway: install ## what the gateway costs, unpinned as `make up` runs it: added p50 at concurrency 1, throughput ratio at 1/8/32
+	$(PY) -m loadtests.gateway_bench --repo $(REPO) $(BENCH_GATEWAY_ARGS)
 
 bench-engines: install ## predictor (both engines), Triton, TorchServe direct on CPU 0, wrk on CPU 1: req/s, p50/p99, CPU ms/req, ratios
 	mkdir -p reports
