@@ -155,10 +155,8 @@ def read_manifest(repo: Path, model: str, version: int) -> Manifest:
 
 def verify_artifacts(repo: Path, manifest: Manifest) -> None:
     """Raise :class:`IntegrityError` unless every artifact exists with its recorded sha256."""
-    for name, artifact in manifest.artifacts.items():
-        verify_file(
-            repo / artifact.path, artifact.sha256, f"{manifest.model} v{manifest.version}: {name}"
-        )
+    for artifact in manifest.artifacts.values():
+        verify_file(repo / artifact.path, artifact.sha256, artifact.path)
 
 
 def newest_version(repo: Path, model: str) -> int:
@@ -203,9 +201,20 @@ class NoValidVersion(RepositoryError):
         self.refused = refused
 
 
+def relative_to_repository(message: str, repo: Path) -> str:
+    """``message`` with every path under ``repo`` written relative to it (``/srv/repo/classifier/3
+    /manifest.json`` -> ``classifier/3/manifest.json``): what a refusal reason may show to
+    whoever reads ``/readyz``, which names artifacts, never the server's file system."""
+    roots = {str(repo), str(repo.absolute()), str(repo.resolve())}
+    for root in sorted(roots, key=len, reverse=True):  # the longest first: one may prefix another
+        message = message.replace(root.rstrip("/") + "/", "")
+    return message
+
+
 @dataclass(frozen=True)
 class RefusedVersion:
-    """A published version an engine would not serve, and why (the loader's error message)."""
+    """A published version an engine would not serve, and why (the loader's error message,
+    paths relative to the repository: :func:`relative_to_repository`)."""
 
     version: int
     reason: str
@@ -250,7 +259,7 @@ def newest_valid(
         try:
             loaded = load(version)
         except refusable as exc:
-            refused.append(RefusedVersion(version, str(exc)))
+            refused.append(RefusedVersion(version, relative_to_repository(str(exc), repo)))
             logger.error("refused %s v%d: %s", model, version, exc)
             continue
         if refused:

@@ -94,13 +94,15 @@ def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
 def verify_file(path: Path, expected_sha256: str, what: str) -> None:
     """Raise :class:`IntegrityError` unless ``path`` exists with the recorded sha256.
 
-    ``what`` names the file in the message (e.g. ``classifier v3: onnx``)."""
+    ``what`` names the file in the message, the way its reader may be shown it (the artifact's
+    path relative to the repository, e.g. ``classifier_torchscript/3/model.pt``): the message
+    names no other path, so it can go into ``/readyz`` as it is."""
     if not path.is_file():
-        raise IntegrityError(f"{what} missing at {path}")
+        raise IntegrityError(f"{what}: missing")
     actual = sha256_file(path)
     if actual != expected_sha256:
         raise IntegrityError(
-            f"{what} sha256 mismatch (manifest {expected_sha256[:12]}..., file {actual[:12]}...)"
+            f"{what}: sha256 mismatch (manifest {expected_sha256[:12]}..., file {actual[:12]}...)"
         )
 
 

@@ -24,7 +24,12 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from services.common.repository import RefusedVersion, list_versions, newest_valid
+from services.common.repository import (
+    RefusedVersion,
+    list_versions,
+    newest_valid,
+    relative_to_repository,
+)
 from services.common.runtime import LoadedModel
 from services.predictor.metrics import PredictorMetrics
 
@@ -108,7 +113,7 @@ class ModelManager:
         except Exception as exc:
             # Whatever went wrong (sha256, a file torch or ORT cannot parse, a wrong output
             # shape), the rule is the same: refuse it and keep serving what works.
-            self._refuse(newest, str(exc))
+            self._refuse(newest, relative_to_repository(str(exc), self.repo))
             self._metrics.reloads.labels("refused").inc()
             logger.error(
                 "refused %s v%d, still serving v%d: %s", self.model, newest, current.number, exc

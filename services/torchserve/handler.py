@@ -163,10 +163,11 @@ class ImageClassifierHandler(BaseHandler):  # type: ignore[misc]  # ts ships no 
 
         manifest = Manifest.model_validate_json((model_dir / MANIFEST_NAME).read_text())
         model_path = model_dir / TORCHSCRIPT_NAME
+        artifact = manifest.artifacts["torchscript"]
         what = f"{manifest.model} v{manifest.version}: torchscript"
         # The archive is built from verified files; re-checking here catches a tampered or
         # truncated .mar before the worker says READY.
-        runtime.verify_file(model_path, manifest.artifacts["torchscript"].sha256, what)
+        runtime.verify_file(model_path, artifact.sha256, artifact.path)
         self.manifest_data = manifest
         self.spec = manifest.input_spec
         self.labels = list(manifest.labels)

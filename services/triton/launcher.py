@@ -77,6 +77,7 @@ from services.common.repository import (
     list_versions,
     load_version,
     read_manifest,
+    relative_to_repository,
 )
 from services.triton.model_configs import write_local_repository
 from services.triton.protocol import PREPROCESS_MODEL
@@ -119,7 +120,7 @@ def _verification_error(repo: Path, model: str, version: int) -> str:
     try:
         load_version(repo, model, version)
     except RepositoryError as exc:
-        return str(exc)
+        return relative_to_repository(str(exc), repo)
     return "not served (see the launcher's log)"
 
 
@@ -488,7 +489,7 @@ class LocalTriton:
                 # version walk is for the start, when nothing is served yet).
                 version = self.prepare(newest)
             except LauncherError as exc:
-                return self._refused(before, newest, str(exc))
+                return self._refused(before, newest, relative_to_repository(str(exc), repo))
             if version != before:
                 try:
                     self._load_all(client)

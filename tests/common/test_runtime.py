@@ -28,25 +28,25 @@ class TestIntegrity:
     def test_a_matching_file_passes(self, tmp_path: Path) -> None:
         path = tmp_path / "model.bin"
         path.write_bytes(b"weights")
-        runtime.verify_file(path, runtime.sha256_file(path), "m v1: onnx")
+        runtime.verify_file(path, runtime.sha256_file(path), "m/1/model.bin")
 
     def test_one_changed_byte_is_refused_naming_the_file(self, tmp_path: Path) -> None:
         path = tmp_path / "model.bin"
         path.write_bytes(b"weights")
         expected = runtime.sha256_file(path)
         path.write_bytes(b"weighta")
-        with pytest.raises(IntegrityError, match=r"m v1: onnx sha256 mismatch"):
-            runtime.verify_file(path, expected, "m v1: onnx")
+        with pytest.raises(IntegrityError, match=r"^m/1/model.bin: sha256 mismatch"):
+            runtime.verify_file(path, expected, "m/1/model.bin")
 
     def test_a_missing_file_is_refused(self, tmp_path: Path) -> None:
-        with pytest.raises(IntegrityError, match="missing at"):
-            runtime.verify_file(tmp_path / "absent", "0" * 64, "m v1: onnx")
+        with pytest.raises(IntegrityError, match=r"^m/1/model\.bin: missing$"):
+            runtime.verify_file(tmp_path / "absent", "0" * 64, "m/1/model.bin")
 
     def test_the_repository_verifies_through_the_runtime(self, repo_copy: Path) -> None:
         """One sha256 check: load_version's refusal is the runtime's IntegrityError."""
         model_file = next((repo_copy / "classifier").glob("*/model.onnx"))
         model_file.write_bytes(model_file.read_bytes()[:-1] + b"\x00")
-        with pytest.raises(IntegrityError, match="onnx sha256 mismatch"):
+        with pytest.raises(IntegrityError, match=r"^classifier/\d+/model.onnx: sha256 mismatch"):
             load_version(repo_copy, "classifier")
 
 

@@ -70,4 +70,27 @@ def test_a_flipped_byte_in_the_newest_version_falls_back_to_the_one_before(
     chosen = newest_valid_version(corrupt_newest.repo, corrupt_newest.published.model)
     assert chosen.version == chosen.loaded.version == corrupt_newest.good
     assert [r.version for r in chosen.refused] == [corrupt_newest.bad]
-    assert "torchscript sha256 mismatch" in chosen.refused[0].reason
+    model, bad = corrupt_newest.published.model, corrupt_newest.bad
+    assert chosen.refused[0].reason.startswith(f"{model}_torchscript/{bad}/model.pt: sha256 mis")
+
+
+def test_a_refusal_names_files_relative_to_the_repository(
+    repo_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reason goes into every engine's /readyz: the artifact's path inside the repository,
+    never where the repository lies on the server (given absolute, relative or through a link)."""
+    (version,) = [int(p.name) for p in (repo_copy / "classifier").iterdir() if p.name.isdigit()]
+    (repo_copy / "classifier" / str(version) / "model.onnx").unlink()
+    newer = repo_copy / "classifier" / str(version + 1)
+    newer.mkdir()
+    (newer / MANIFEST_NAME).write_text("{not json")
+    link = repo_copy.parent / "link"
+    link.symlink_to(repo_copy)
+    monkeypatch.chdir(repo_copy.parent)
+    for repo in (repo_copy, link, Path(repo_copy.name)):
+        with pytest.raises(NoValidVersion) as raised:
+            newest_valid_version(repo, "classifier")
+        reasons = [r.reason for r in raised.value.refused]
+        assert reasons[0].startswith(f"manifest classifier/{version + 1}/manifest.json is unre")
+        assert reasons[1] == f"classifier/{version}/model.onnx: missing", reasons
+        assert all(str(repo_copy.parent) not in reason for reason in reasons), reasons

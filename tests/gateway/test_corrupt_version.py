@@ -96,9 +96,12 @@ def stack(
 
 
 def _assert_refused_bad(refused: Any, bad: int) -> None:
+    """One refusal, of ``bad``, naming the artifact relative to the repository (no path of the
+    server's file system: the reason is shown in /readyz)."""
     assert isinstance(refused, list) and len(refused) == 1, refused
     assert refused[0]["version"] == bad
-    assert "torchscript sha256 mismatch" in refused[0]["reason"]
+    reason = refused[0]["reason"]
+    assert reason.startswith(f"classifier_torchscript/{bad}/model.pt: sha256 mismatch"), reason
 
 
 def predict(gateway: GatewayProcess, image: bytes, backend: str) -> httpx.Response:
@@ -107,10 +110,14 @@ def predict(gateway: GatewayProcess, image: bytes, backend: str) -> httpx.Respon
 
 
 def test_every_engine_serves_the_previous_version_and_names_the_refused_one(
-    stack: EnginesOnCorrupt,
+    stack: EnginesOnCorrupt, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     good, bad = stack.corrupt.good, stack.corrupt.bad
-    readyz = httpx.get(stack.gateway.url + "/readyz", timeout=5).json()
+    answer = httpx.get(stack.gateway.url + "/readyz", timeout=5)
+    # No path of the servers' file system (the repository, the run folders, the key file).
+    assert str(tmp_path_factory.getbasetemp()) not in answer.text, answer.text
+    assert '"/' not in answer.text, answer.text
+    readyz = answer.json()
     assert readyz["ready"] is True
     for backend in BACKENDS:
         entry = readyz["backends"][backend]

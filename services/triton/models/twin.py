@@ -59,7 +59,7 @@ class TritonPythonModel:
         artifact = manifest["artifacts"][artifact_key]
         path = version_dir / Path(artifact["path"]).name
         what = f"{args['model_name']} v{args['model_version']}"
-        runtime.verify_file(path, artifact["sha256"], what)
+        runtime.verify_file(path, artifact["sha256"], artifact["path"])
         if kind == "torchscript":
             runtime.set_torch_threads(1)  # one thread like ORT's; scale with instance_group
         self.engine = runtime.create_engine(kind, path, "cpu", threads=1)
