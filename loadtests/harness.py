@@ -190,7 +190,8 @@ def http_ready(url: str) -> Callable[[], bool]:
 
 class PinnedProcess:
     """``command`` leading a process group of its own, pinned to ``cpus`` (None: the CPUs this
-    process may use); ready once ``ready()`` holds; output into ``log`` when given."""
+    process may use); ready once ``ready()`` holds; output into ``log`` when given; run in
+    ``cwd`` when given (``python -m`` imports from it first)."""
 
     def __init__(
         self,
@@ -201,6 +202,7 @@ class PinnedProcess:
         cpus: Collection[int] | None = None,
         ready: Callable[[], bool] | None = None,
         log: Path | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.name = name
         self.ready = ready
@@ -210,6 +212,7 @@ class PinnedProcess:
         self.process = subprocess.Popen(
             list(command),
             env=dict(env),
+            cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT if self._log is not None else None,

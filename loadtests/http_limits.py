@@ -428,16 +428,17 @@ def request_cost(port: int, pid: int, seconds: float) -> str:
     )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
 def _start_gateway(env_extra: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    dead = f"http://127.0.0.1:{_free_port()}"  # no engines: every probe is refused at the edge
+    dead = f"http://127.0.0.1:{free_port()}"  # no engines: every probe is refused at the edge
     env.update(
         GATEWAY_PORT=str(port),
         GATEWAY_PREDICTOR_URL=dead,
