@@ -16,9 +16,10 @@ restart   (defect 1) ``python -m services.stack up`` on a repository whose newes
           one flipped byte in ``model.pt``, a client sending through the gateway to each engine
           in turn: when each engine first answered, the share of failed requests, supervisord's
           starts and final state per program. Binds the stack's fixed ports: hold the lock.
-decode    (defect 4) a 16-bit 39.9 Mpx PNG of a few tens of KB to the predictor: its status and
-          time, the predictor's peak RSS growth; then four at once with a normal digit sent
-          while they are in flight, and that digit's latency.
+decode    (defect 4) a 16-bit 39.9 Mpx PNG of a few tens of KB, then a textured 2048x2048 RGB
+          one (the most the new limits let through), to the predictor: status, time, its peak
+          RSS growth; then four at once with a digit sent while they are in flight, and that
+          digit's latency.
 publish   (defect 5) ``python -m training publish`` killed (``os._exit``) at its k-th rename, for
           every k: the folders of the uncommitted version a loader could see, then what the
           next normal publish leaves behind (numbered folders of no committed version, staging
@@ -279,6 +280,18 @@ def png16(width: int, height: int) -> bytes:
     return buffer.getvalue()
 
 
+def rgb_textured(side: int) -> bytes:
+    """An RGB PNG with texture, ``side`` pixels square: slow to decode, about 2 MB at 2048."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:side, 0:side]
+    pixels = np.stack([(x * y) % 251, (x + y) % 256, (x ^ y) % 256], axis=-1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=9)
+    return buffer.getvalue()
+
+
 def probe_decode(code: Code, checkpoint: Path, work: Path) -> str:
     repo = work / "model_repository"
     code.publish(checkpoint, repo)
@@ -293,58 +306,55 @@ def probe_decode(code: Code, checkpoint: Path, work: Path) -> str:
         PREDICTOR_REPOSITORY=str(repo),
         PREDICTOR_MODEL=MODEL,
     )
-    large = png16(6320, 6320)
+    images = {
+        "16-bit 6320x6320": png16(6320, 6320),
+        "RGB 2048x2048 textured": rgb_textured(2048),
+    }
     normal = digit_png()
     url = f"http://127.0.0.1:{port}/predict"
     rows: list[list[object]] = []
     try:
         predictor.wait_ready(300)
         httpx.post(url, json=b64_body(normal), timeout=60)  # warm
-        with Memory.watch(predictor.pid) as memory:
-            start = time.perf_counter()
-            one = httpx.post(url, json=b64_body(large), timeout=300)
-            seconds = time.perf_counter() - start
-        rows.append(
-            [
-                "one",
-                f"{one.status_code} {one.json().get('code', '') if one.status_code != 200 else ''}",
-                f"{seconds:.2f}",
-                f"{memory.peak - memory.before:+.0f}",
-                "",
-            ]
-        )
-        with Memory.watch(predictor.pid) as memory, ThreadPoolExecutor(5) as pool:
-            start = time.perf_counter()
-            futures = [
-                pool.submit(httpx.post, url, json=b64_body(large), timeout=300) for _ in range(4)
-            ]
-            time.sleep(0.3)  # the large ones are in: the normal one comes while they decode
-
-            def timed() -> tuple[int, float]:
-                begun = time.perf_counter()
-                status = httpx.post(url, json=b64_body(normal), timeout=300).status_code
-                return status, time.perf_counter() - begun
-
-            normal_status, normal_s = pool.submit(timed).result()
-            statuses = sorted(f.result().status_code for f in futures)
-            seconds = time.perf_counter() - start
-        rows.append(
-            [
-                "four at once",
-                ",".join(map(str, statuses)),
-                f"{seconds:.2f}",
-                f"{memory.peak - memory.before:+.0f}",
-                f"{normal_status} in {normal_s * 1000:.0f} ms",
-            ]
-        )
+        for name, image in images.items():
+            label = f"{name} ({len(image) / 1024:.0f} KB)"
+            rows.append([f"{label}: one", *_large_requests(url, predictor.pid, image, 1, None)])
+            rows.append(
+                [f"{label}: four at once", *_large_requests(url, predictor.pid, image, 4, normal)]
+            )
     finally:
         predictor.stop()
     return table(
-        f"defect 4: 16-bit 6320x6320 PNG ({len(large) / 1024:.0f} KB) to the predictor "
-        f"({code.root})",
-        ["requests", "status", "seconds (all)", "peak RSS growth MiB", "normal digit meanwhile"],
+        f"defect 4: large PNGs to the predictor ({code.root})",
+        ["requests", "status", "seconds (all)", "peak RSS growth MiB", "a digit sent meanwhile"],
         rows,
     )
+
+
+def _large_requests(
+    url: str, pid: int, image: bytes, count: int, normal: bytes | None
+) -> list[object]:
+    """``count`` posts of ``image`` at once (and ``normal`` once they are in): their statuses,
+    seconds, the server's peak RSS growth, the normal one's status and latency."""
+
+    def post(body: bytes) -> tuple[int, str, float]:
+        begun = time.perf_counter()
+        answer = httpx.post(url, json=b64_body(body), timeout=300)
+        code = "" if answer.status_code == 200 else f" {answer.json().get('code', '')}"
+        return answer.status_code, code, time.perf_counter() - begun
+
+    with Memory.watch(pid) as memory, ThreadPoolExecutor(count + 1) as pool:
+        start = time.perf_counter()
+        futures = [pool.submit(post, image) for _ in range(count)]
+        meanwhile = ""
+        if normal is not None:
+            time.sleep(0.3)  # the large ones are in: the normal one comes while they decode
+            status, _, seconds = pool.submit(post, normal).result()
+            meanwhile = f"{status} in {seconds * 1000:.0f} ms"
+        answers = [f.result() for f in futures]
+        total = time.perf_counter() - start
+    statuses = ",".join(sorted(f"{status}{code}" for status, code, _ in answers))
+    return [statuses, f"{total:.2f}", f"{memory.peak - memory.before:+.0f}", meanwhile]
 
 
 # --------------------------------------------------------------------------- defect 5
