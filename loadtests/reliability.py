@@ -26,7 +26,8 @@ publish   (defect 5) ``python -m training publish`` killed (``os._exit``) at its
           folders, temp files).
 triton    (defect 8) the local tritonserver (``python -m services.triton up``): a shared-memory
           region register and a log-settings change without a key, then ``kill -9`` of the
-          server and ``down``: the /dev/shm regions it had mapped that are still there.
+          server's process group (server and python-backend stubs) and ``down``: the /dev/shm
+          regions it had mapped that are still there.
 contract  (defect 9) the predictor and a gateway: whether their OpenAPI accepts
           ``{"images": []}`` and ``{"images": [""]}``, the v2 routes' documented 400/404,
           ``/metrics``' documented type, both services' answer to 10,000-deep JSON, absolute
@@ -512,12 +513,16 @@ def probe_triton(code: Code, checkpoint: Path, work: Path) -> str:
         ]
         pgid = os.getpgid(server)
         mapped = _shm_mapped(_group(pgid))
-        for pid in _group(pgid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL) if pid == server else None
+        os.killpg(pgid, signal.SIGKILL)  # the server and its python-backend stubs at once
         time.sleep(3)
         after_kill = [n for n in mapped if (Path("/dev/shm") / n).exists()]
-        rows.append(["/dev/shm regions mapped -> left after kill -9", len(mapped), len(after_kill)])
+        rows.append(
+            [
+                "/dev/shm regions mapped -> left after kill -9 of its group",
+                len(mapped),
+                len(after_kill),
+            ]
+        )
     finally:
         down = code.run(["-m", "services.triton", "down"], 300, **env)
     left = [n for n in mapped if (Path("/dev/shm") / n).exists()]
