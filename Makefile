@@ -10,8 +10,9 @@ REPO ?= model_repository
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 BENCH_GATEWAY_ARGS ?=
+GPU_BENCH_ARGS ?=
 
-.PHONY: help install train-and-publish test lint gpu-check clean \
+.PHONY: help install train-and-publish test lint gpu-check gpu-bench clean \
 	triton-up triton-down triton-status triton-bench up down reload status compose-check compose-test k8s-check bench bench-engines gateway bench-gateway predictor predictor-bench precision-bench \
 	torchserve-up torchserve-down torchserve-status torchserve-reload torchserve-bench perf-analyzer
 
@@ -71,6 +72,9 @@ lint: install ## ruff and strict mypy
 gpu-check: install ## on a CUDA host: the tests marked gpu, then engine throughput (fp32/fp16, batch 1-256, TorchScript/ONNX)
 	$(PY) -m pytest -m gpu tests -q -rs
 	$(PY) -m services.predictor.gpu_check --repo $(REPO)
+
+gpu-bench: install ## on a CUDA host: the predictor end to end, 1 and 4 workers, fp32/fp16, 1- and 64-image requests: images/s, p50/p99, GPU util
+	$(PY) -m loadtests.gpu_bench --repo $(REPO) --json reports/gpu-bench.json $(GPU_BENCH_ARGS)
 
 clean: ## remove generated models, checkpoints, run folders and reports (keeps .venv)
 	rm -rf checkpoints runs reports
