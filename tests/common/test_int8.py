@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -111,13 +112,30 @@ def test_a_broken_calibration_fails_the_gate_and_publishes_nothing(
         return sorted(p.relative_to(repo) for p in repo.rglob("*") if p.name != ".publish.lock")
 
     before = contents()
+    # A real predictor polling the repository: it must keep serving the previous version.
+    server = start_predictor(repo, tmp_path / "predictor.log", engine="onnx", poll_interval_s=0.2)
 
     def constant_images(train: object, count: int = 0, seed: int = 0) -> quantize.Images:
         return np.zeros((32, 3, 32, 32), dtype=np.float32)  # one flat image: no real ranges
 
     monkeypatch.setattr(training.publish, "calibration_images", constant_images)
     argv = ["publish", "--checkpoint", str(published_model.checkpoint), "--repo", str(repo)]
-    assert cli.main([*argv, "--int8"]) == cli.EXIT_USER_ERROR
+    try:
+        assert cli.main([*argv, "--int8"]) == cli.EXIT_USER_ERROR
+        time.sleep(1.0)  # five polls of the repository
+        with urllib.request.urlopen(server.url + "/readyz", timeout=5) as response:
+            ready = json.loads(response.read())
+        assert ready["version"] == published_model.version and not ready["refused"], ready
+        body = {"image": _b64([held_out_digits(1)[0].png])[0]}
+        request = urllib.request.Request(
+            server.url + "/predict",
+            data=json.dumps(body).encode(),
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert json.loads(response.read())["version"] == str(published_model.version)
+    finally:
+        server.stop()
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("error: int8 gate failed"), error
     assert list_versions(repo, "classifier") == [published_model.version]
