@@ -59,14 +59,16 @@ from loadtests.harness import (
     run_main,
     serving_line,
 )
+from loadtests.precision_bench import model_only_images_per_s, model_only_table
 from loadtests.predictor_bench import MODEL, start_predictor
 from loadtests.targets import AnswerError, parse_predict_response, parse_triton_classification
 from loadtests.torchserve_bench import _free_ports, bench_settings, is_ready
 from services.common.debian import PackageError, apt_install
+from services.common.repository import INT8_SUFFIX
 from services.torchserve.config import TorchServeSettings, read_keys
 from services.torchserve.launcher import down, instance_processes
 from services.triton.launcher import LocalTriton
-from services.triton.protocol import binary_infer_request
+from services.triton.protocol import binary_infer_request, ensemble_name
 from services.triton.settings import TritonSettings
 from training.digits import held_out_pngs
 
@@ -204,27 +206,39 @@ def _check_torchserve(answer: bytes) -> None:
 
 
 def predictor_candidate(
-    repo: Path, engine: str, cpus: set[int], image: bytes, workers: int = 1
+    repo: Path,
+    engine: str,
+    cpus: set[int],
+    image: bytes,
+    workers: int = 1,
+    precision: str = "fp32",
 ) -> Candidate:
-    """The predictor on ``engine`` as ``workers`` processes, started by the predictor bench's
-    own starter."""
+    """The predictor on ``engine`` as ``workers`` processes at ``precision``, started by the
+    predictor bench's own starter."""
     (port,) = _free_ports(1)
-    server = start_predictor(repo, engine, cpus, None, port, workers=workers)
+    server = start_predictor(repo, engine, cpus, None, port, precision=precision, workers=workers)
     body = json.dumps({"image": base64.b64encode(image).decode(), "top_k": 1}).encode()
     headers = {"Content-Type": "application/json"}
 
     def target() -> Target:
         return Target(port, "/predict", body, headers, _check_predictor)
 
-    name = f"predictor ({engine})" if workers == 1 else f"predictor ({engine}, {workers} workers)"
+    label = engine if precision == "fp32" else f"{engine} {precision}"
+    name = f"predictor ({label})" if workers == 1 else f"predictor ({label}, {workers} workers)"
     return Candidate(name, server, target, server.cpu_seconds, server.stop)
 
 
 def triton_candidate(
-    repo: Path, cpus: set[int], image: bytes, run_dir: Path, instances: int | None = None
+    repo: Path,
+    cpus: set[int],
+    image: bytes,
+    run_dir: Path,
+    instances: int | None = None,
+    precision: str = "fp32",
 ) -> Candidate:
     """The local tritonserver (``python -m services.triton run``) on free ports; ``instances``
-    overrides the model's instance count (classifier instances)."""
+    overrides the model's instance count (classifier instances); asked for its fp32 ensemble
+    or (``precision`` int8) the int8 one."""
     http, grpc, metrics = _free_ports(3)
     settings = TritonSettings(
         repository=repo,
@@ -246,9 +260,10 @@ def triton_candidate(
         env["TRITON_INSTANCE_COUNT"] = str(instances)
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("TRITON_")}
     base = f"http://{settings.http_url}"
+    ensemble = settings.ensemble if precision == "fp32" else ensemble_name(MODEL + INT8_SUFFIX)
     checks = [
         http_ready(f"{base}/v2/health/ready"),
-        http_ready(f"{base}/v2/models/{settings.ensemble}/ready"),
+        http_ready(f"{base}/v2/models/{ensemble}/ready"),
     ]
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "tritonserver.log"
@@ -261,7 +276,6 @@ def triton_candidate(
         log=log,
     )
     body, headers = binary_infer_request([image], 1)  # built once, sent as it is
-    ensemble = settings.ensemble
 
     def check(answer: bytes) -> None:
         parse_triton_classification(answer, ensemble, 1)
@@ -273,9 +287,8 @@ def triton_candidate(
         server.stop(timeout_s=settings.stop_timeout_s)
         LocalTriton(settings).stop()  # nothing runs now: only clears its pid file
 
-    return Candidate(
-        "Triton", server, target, server.cpu_seconds, stop, settings.ready_timeout_s, log
-    )
+    name = "Triton" if precision == "fp32" else f"Triton {precision}"
+    return Candidate(name, server, target, server.cpu_seconds, stop, settings.ready_timeout_s, log)
 
 
 def torchserve_candidate(repo: Path, cpus: set[int], image: bytes, run_dir: Path) -> Candidate:
@@ -408,6 +421,17 @@ def start(args: argparse.Namespace, image: bytes, folder: Path) -> list[Candidat
     factories["triton"] = [
         lambda: triton_candidate(args.repo, cpus, image, folder / "triton", args.triton_instances)
     ]
+    factories["onnx-int8"] = [
+        functools.partial(
+            predictor_candidate, args.repo, "onnx", cpus, image, workers, precision="int8"
+        )
+        for workers in args.workers
+    ]
+    factories["triton-int8"] = [
+        lambda: triton_candidate(
+            args.repo, cpus, image, folder / "triton-int8", args.triton_instances, "int8"
+        )
+    ]
     factories["torchserve"] = [
         lambda: torchserve_candidate(args.repo, cpus, image, folder / "torchserve" / "run")
     ]
@@ -496,6 +520,11 @@ def ratio_lines(cells: Mapping[tuple[str, int], Cell], concurrency: list[int]) -
             parts.append(f"c={n} {ratio:.2f}x" + (f" (target >= {target}x)" if target else ""))
         if parts:
             lines.append(f"{name} / Triton req/s: " + ", ".join(parts))
+    for int8, fp32 in (("predictor (onnx int8)", "predictor (onnx)"), ("Triton int8", "Triton")):
+        pairs = [(n, cells.get((int8, n)), cells.get((fp32, n))) for n in concurrency]
+        shown = [f"c={n} {a.rps / b.rps:.2f}x" for n, a, b in pairs if a and b and b.rps]
+        if shown:
+            lines.append(f"{int8} / {fp32} req/s: " + ", ".join(shown))
     return lines
 
 
@@ -516,6 +545,16 @@ def run(args: argparse.Namespace) -> int:
             raise BenchError(f"{exc}; or use --client harness") from None
         wrk = shutil.which("wrk")
     image = held_out_pngs(1)[0]
+    if args.candidates is None:
+        args.candidates = default_candidates(args.repo)
+    model_only: str | None = None
+    if any(name.endswith("-int8") for name in args.candidates):
+        # The forward pass alone, fp32 and int8 (the precision bench's measurement), before
+        # any server runs on the CPU it is pinned to.
+        rates = model_only_images_per_s(
+            args.repo, args.server_cpu[0], MODEL_ONLY_BATCHES, args.seconds, args.rounds
+        )
+        model_only = model_only_table(rates, MODEL_ONLY_BATCHES)
     with tempfile.TemporaryDirectory(prefix="engines-bench-") as tmp:
         folder = Path(tmp)
         use_wrk = wrk is not None and args.client in ("auto", "wrk")
@@ -538,6 +577,11 @@ def run(args: argparse.Namespace) -> int:
     if args.triton_instances is not None:
         print(f"Triton runs {args.triton_instances} classifier instance(s) (TRITON_INSTANCE_COUNT)")
     print()
+    if model_only is not None:
+        print(
+            f"model only: ONNX Runtime on CPU {args.server_cpu[0]}, one thread, "
+            f"median of {args.rounds} round(s)\n\n{model_only}\n"
+        )
     print(table(cells) + "\n")
     for line in ratio_lines(cells, args.concurrency):
         print(line)
@@ -560,7 +604,17 @@ def run(args: argparse.Namespace) -> int:
     return 0 if all(c.errors == 0 and c.requests > 0 for c in cells.values()) else 1
 
 
-CANDIDATES = ["torchscript", "onnx", "triton", "torchserve"]
+CANDIDATES = ["torchscript", "onnx", "triton", "torchserve", "onnx-int8", "triton-int8"]
+#: Batch sizes of the model-only table (int8 against fp32).
+MODEL_ONLY_BATCHES = [1, 8, 32]
+
+
+def default_candidates(repo: Path) -> list[str]:
+    """Every candidate; the int8 ones only when the newest version has an int8 model."""
+    from services.common.repository import load_version
+
+    has_int8 = load_version(repo, MODEL).onnx_int8_path is not None
+    return [name for name in CANDIDATES if has_int8 or not name.endswith("-int8")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -592,8 +646,10 @@ def main(argv: list[str] | None = None) -> int:
         "--candidates",
         nargs="+",
         choices=CANDIDATES,
-        default=CANDIDATES,
-        help="predictor engines (torchscript, onnx), triton, torchserve",
+        default=None,
+        help="predictor engines (torchscript, onnx), triton, torchserve, and the int8 model "
+        "on the predictor (onnx-int8) and Triton (triton-int8); default: all, the int8 ones "
+        "only for a version published with --int8 (then also a model-only table per precision)",
     )
     parser.add_argument(
         "--client",

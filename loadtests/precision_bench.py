@@ -61,6 +61,18 @@ def model_only_images_per_s(
         os.sched_setaffinity(0, previous)
 
 
+def model_only_table(rates: dict[tuple[str, int], float], batches: list[int]) -> str:
+    """The model-only figures as a table: images/s per precision and batch, and the ratio."""
+    rows = [
+        "| batch | fp32 images/s | int8 images/s | int8 / fp32 |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    for batch in batches:
+        fp32, int8 = rates[("fp32", batch)], rates[("int8", batch)]
+        rows.append(f"| {batch} | {fp32:.0f} | {int8:.0f} | {int8 / fp32:.2f}x |")
+    return "\n".join(rows)
+
+
 def run(args: argparse.Namespace) -> int:
     model_only = model_only_images_per_s(
         args.repo, args.server_cpu, args.batches, args.seconds, args.rounds
@@ -69,11 +81,7 @@ def run(args: argparse.Namespace) -> int:
         f"model only: ONNX Runtime on CPU {args.server_cpu}, one thread, "
         f"median of {args.rounds} rounds\n"
     )
-    print("| batch | fp32 images/s | int8 images/s | int8 / fp32 |")
-    print("| ---: | ---: | ---: | ---: |")
-    for batch in args.batches:
-        fp32, int8 = model_only[("fp32", batch)], model_only[("int8", batch)]
-        print(f"| {batch} | {fp32:.0f} | {int8:.0f} | {int8 / fp32:.2f}x |")
+    print(model_only_table(model_only, args.batches))
 
     pin_load_generator({args.server_cpu}, {args.client_cpu})
     bodies = predict_bodies()

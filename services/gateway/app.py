@@ -49,7 +49,7 @@ from services.common.schemas import (
 from services.gateway.backends import Backend, EncodedImage, create_backends
 from services.gateway.metrics import ALL_BACKENDS, NO_BACKEND, GatewayMetrics
 from services.gateway.resilience import EngineGuard
-from services.gateway.routing import Router, RoutingError
+from services.gateway.routing import Router, RoutingError, parse_precision
 from services.gateway.settings import BackendName, GatewaySettings
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 SERVICE = "gateway"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 422, 503, 504)
+    status: {"model": ErrorResponse} for status in (400, 401, 409, 413, 415, 422, 503, 504)
 }
 
 
@@ -70,7 +70,17 @@ _PREDICT_DOC: dict[str, Any] = {
             "description": "predictor, torchserve, triton, or all (compare mode); default: "
             "GATEWAY_DEFAULT_BACKEND, or a draw from GATEWAY_WEIGHTS",
             "schema": {"type": "string"},
-        }
+        },
+        {
+            "name": "precision",
+            "in": "query",
+            "required": False,
+            "description": "fp32 (default) or int8: the version's int8 model (published with "
+            "--int8), served by the predictor and Triton; with backend=all also both (each "
+            "engine at each precision, with their top-1 agreement). 400 for any other value; "
+            "409 precision_unavailable where the engine or its version has no int8 model",
+            "schema": {"type": "string", "enum": ["fp32", "int8", "both"]},
+        },
     ],
     "requestBody": {
         "required": True,
@@ -147,12 +157,14 @@ def parse_body(
     return request, images
 
 
-def requested_backend(query_string: bytes) -> str | None:
-    """``?backend=`` of the query string (None when absent); most requests have no query."""
+def query_choices(query_string: bytes) -> tuple[str | None, str | None]:
+    """``?backend=`` and ``?precision=`` of the query string (None when absent; the last
+    one when repeated); most requests have no query."""
     if not query_string:
-        return None
-    values = parse_qs(query_string.decode("latin-1")).get("backend")
-    return values[-1] if values else None
+        return None, None
+    query = parse_qs(query_string.decode("latin-1"))
+    backend, precision = query.get("backend"), query.get("precision")
+    return (backend[-1] if backend else None), (precision[-1] if precision else None)
 
 
 def json_response(
@@ -260,19 +272,27 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             request_id: str = request.state.request_id
             # Read by hand, not declared as a parameter: FastAPI's parameter machinery costs
             # more per request than the rest of the gateway's own work (see _PREDICT_DOC).
-            backend = requested_backend(request.scope.get("query_string", b""))
+            backend, asked = query_choices(request.scope.get("query_string", b""))
+            precision = parse_precision(asked, compare=backend == ALL_BACKENDS)
             if backend == ALL_BACKENDS:
                 served = ALL_BACKENDS
                 status, payload = await state.router.compare(
-                    images, body.top_k, request_id, single=body.image is not None
+                    images,
+                    body.top_k,
+                    request_id,
+                    single=body.image is not None,
+                    precision=precision,
                 )
                 names = ",".join(payload["answered"]) or NO_BACKEND
                 if status != 200:
                     metrics.errors.labels(str(status), payload["code"]).inc()
                 return json_response(payload, status, {"X-Backend": names})
-            chosen = state.router.choose(backend)
+            assert precision != "both"  # parse_precision allows it in compare mode only
+            chosen = state.router.choose(backend, precision)
             try:
-                result = await state.router.predict(chosen, images, body.top_k, request_id)
+                result = await state.router.predict(
+                    chosen, images, body.top_k, request_id, precision
+                )
             except RoutingError as exc:
                 if exc.backend is not None:
                     served = exc.backend
@@ -288,6 +308,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 if body.image is not None
                 else answer.predictions,
             }
+            if precision != "fp32":
+                payload["precision"] = precision
             headers: dict[str, str] = {"X-Backend": result.backend}
             if result.skipped:
                 headers["X-Failover-From"] = ",".join(result.skipped)

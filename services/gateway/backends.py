@@ -43,7 +43,8 @@ from PIL import Image
 from yarl import URL
 
 from services.common.errors import image_error_status
-from services.common.runtime import top_k_predictions
+from services.common.repository import INT8_SUFFIX
+from services.common.runtime import Precision, top_k_predictions
 from services.gateway.settings import BackendName, GatewaySettings
 from services.torchserve.config import REFUSED_FILE_NAME, Keys, read_keys, read_refused_versions
 from services.torchserve.workers import ready_workers
@@ -125,6 +126,17 @@ class EngineRejected(BackendError):
         self.status = status
 
 
+#: The code of an engine that cannot serve the precision asked for (HTTP 409).
+PRECISION_UNAVAILABLE = "precision_unavailable"
+
+
+def precision_unavailable(message: str) -> EngineRejected:
+    """An engine that does not serve the precision asked for: the caller's request cannot be
+    served there as it stands (409, not failed over and not a breaker failure), though
+    publishing or serving another way can change that."""
+    return EngineRejected(message, PRECISION_UNAVAILABLE, 409)
+
+
 class EngineUnavailable(BackendError):
     """The engine cannot answer now: another engine may (failover)."""
 
@@ -158,9 +170,16 @@ class Backend(Protocol):
     """What the gateway needs from an engine."""
 
     name: BackendName
+    #: The precisions the engine can serve at all (whether the served version has an int8
+    #: model is the engine's to say, per request).
+    precisions: frozenset[Precision]
 
     async def predict(
-        self, images: Sequence[EncodedImage], top_k: int, request_id: str
+        self,
+        images: Sequence[EncodedImage],
+        top_k: int,
+        request_id: str,
+        precision: Precision = "fp32",
     ) -> Answer: ...
 
     async def check_ready(self) -> Readiness: ...
@@ -324,19 +343,37 @@ class OpenInferenceBackend(HttpBackend):
     """The one Open Inference Protocol client the predictor and Triton share (see the module
     docstring); each engine says only how it reports readiness."""
 
+    precisions: frozenset[Precision] = frozenset(("fp32", "int8"))
+
     def __init__(self, base_url: str, settings: GatewaySettings) -> None:
         super().__init__(base_url, settings)
         self.model = settings.model
         self.ensemble = ensemble_name(settings.model)
         self.infer_url = self.url(f"/v2/models/{self.ensemble}/infer")
+        # The int8 model has its own ensemble (Triton's generated one, the predictor's name
+        # for its int8 model): selecting it by name is all a request at int8 costs.
+        self.int8_ensemble = ensemble_name(settings.model + INT8_SUFFIX)
+        self.int8_infer_url = self.url(f"/v2/models/{self.int8_ensemble}/infer")
         self.labels: dict[str, list[str]] = {}  # by model version
         self._asking_labels = asyncio.Lock()
 
-    async def predict(self, images: Sequence[EncodedImage], top_k: int, request_id: str) -> Answer:
+    async def predict(
+        self,
+        images: Sequence[EncodedImage],
+        top_k: int,
+        request_id: str,
+        precision: Precision = "fp32",
+    ) -> Answer:
         body, headers = binary_infer_request([image.data for image in images], 0, request_id)
         headers["x-request-id"] = request_id
-        reply = await self._send("POST", self.infer_url, body, headers)
+        url = self.infer_url if precision == "fp32" else self.int8_infer_url
+        reply = await self._send("POST", url, body, headers)
         if reply.status != 200:
+            if reply.status == 404 and precision == "int8":
+                message, _ = _error_fields(reply)
+                raise precision_unavailable(
+                    f"{self.name} does not serve int8 now ({self.int8_ensemble}: {message})"
+                )
             raise self._error(reply)
         try:
             version, logits = read_logits(reply.body, reply.header_length, len(images))
@@ -462,6 +499,9 @@ class TorchServeKeys:
 
 class TorchServeBackend(HttpBackend):
     name: BackendName = "torchserve"
+    #: No int8 here: TorchServe's handler runs the TorchScript model, and no quantized
+    #: TorchScript model is published (README "int8").
+    precisions: frozenset[Precision] = frozenset(("fp32",))
 
     def __init__(self, settings: GatewaySettings) -> None:
         super().__init__(settings.torchserve_url, settings)
@@ -523,7 +563,18 @@ class TorchServeBackend(HttpBackend):
             return EngineUnavailable(message, "engine_model_missing")
         return EngineFault(message, "engine_fault")
 
-    async def predict(self, images: Sequence[EncodedImage], top_k: int, request_id: str) -> Answer:
+    async def predict(
+        self,
+        images: Sequence[EncodedImage],
+        top_k: int,
+        request_id: str,
+        precision: Precision = "fp32",
+    ) -> Answer:
+        if precision not in self.precisions:
+            raise precision_unavailable(
+                f"torchserve does not serve {precision}: it runs the TorchScript model and no "
+                "quantized TorchScript model is published"
+            )
         if len(images) == 1:
             answers = [await self._one(images[0].data, top_k, request_id)]
         else:

@@ -39,6 +39,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from services.common.runtime import Precision
 from services.gateway.backends import (
     Answer,
     Backend,
@@ -203,19 +204,34 @@ class EngineGuard:
         if self.coalescer is not None:
             self.coalescer.close()
 
-    async def predict(self, images: Sequence[EncodedImage], top_k: int, request_id: str) -> Answer:
+    async def predict(
+        self,
+        images: Sequence[EncodedImage],
+        top_k: int,
+        request_id: str,
+        precision: Precision = "fp32",
+    ) -> Answer:
         """The engine's answer, or a :class:`BackendError` saying what went wrong; merged with
-        other requests' into one call under load when the engine coalesces."""
-        if self.coalescer is not None:
+        other requests' into one call under load when the engine coalesces (fp32 only: the
+        int8 calls go out as they come, never mixed into an fp32 call)."""
+        if self.coalescer is not None and precision == "fp32":
             return await self.coalescer.predict(images, top_k, request_id)
-        return await self.call(images, top_k, request_id)
+        return await self.call(images, top_k, request_id, precision)
 
-    async def call(self, images: Sequence[EncodedImage], top_k: int, request_id: str) -> Answer:
+    async def call(
+        self,
+        images: Sequence[EncodedImage],
+        top_k: int,
+        request_id: str,
+        precision: Precision = "fp32",
+    ) -> Answer:
         """One engine call through the breaker, the deadline and retries, recorded once."""
         start = time.perf_counter()
         outcome = "ok"
         try:
-            answer: Answer = await self.breaker.call_async(self._call, images, top_k, request_id)
+            answer: Answer = await self.breaker.call_async(
+                self._call, images, top_k, request_id, precision
+            )
             return answer
         except CircuitBreakerError as exc:
             if isinstance(exc.__cause__, BackendError):  # the failure that opened it
@@ -244,11 +260,13 @@ class EngineGuard:
         else:
             self._publish()  # the breaker may have changed
 
-    async def _call(self, images: Sequence[EncodedImage], top_k: int, request_id: str) -> Answer:
+    async def _call(
+        self, images: Sequence[EncodedImage], top_k: int, request_id: str, precision: Precision
+    ) -> Answer:
         try:
             async with asyncio.timeout(self.timeout_s):
                 try:
-                    return await self.backend.predict(images, top_k, request_id)
+                    return await self.backend.predict(images, top_k, request_id, precision)
                 except ConnectFailed:
                     if not self.retries:
                         raise
@@ -264,7 +282,7 @@ class EngineGuard:
                 )
                 async for attempt in retrying:
                     with attempt:
-                        return await self.backend.predict(images, top_k, request_id)
+                        return await self.backend.predict(images, top_k, request_id, precision)
         except TimeoutError:
             raise EngineTimeout(f"{self.name} did not answer within {self.timeout_s:g}s") from None
         raise AssertionError("unreachable")  # pragma: no cover  (reraise=True)

@@ -44,6 +44,7 @@ from services.common.errors import (
     describe_validation,
 )
 from services.common.imaging import ImageDecodeError
+from services.common.repository import INT8_SUFFIX
 from services.common.runtime import FloatArray, LoadedModel
 from services.common.schemas import ErrorResponse
 from services.predictor import SERVER_NAME, SERVER_VERSION
@@ -88,11 +89,17 @@ class ServedModel:
 
 
 def served_models(model: LoadedModel, name: str) -> dict[str, ServedModel]:
-    """``name`` (the settings' model) and its ensemble, as Triton's repository names them."""
+    """``name`` (the settings' model) and its ensemble, as Triton's repository names them;
+    a predictor serving int8 (``PREDICTOR_PRECISION=int8``) also answers to the int8 pair's
+    names (``<name>_int8``, ``<name>_int8_ensemble``), which is how the gateway asks for int8."""
     spec = model.spec
-    tensor = ServedModel(name, spec.name, FP32, spec.shape, model.output_name)
-    images = ServedModel(ensemble_name(name), IMAGE_INPUT, BYTES, (1,), LOGITS_OUTPUT)
-    return {tensor.name: tensor, images.name: images}
+    names = [name, name + INT8_SUFFIX] if model.precision == "int8" else [name]
+    served: dict[str, ServedModel] = {}
+    for each in names:
+        tensor = ServedModel(each, spec.name, FP32, spec.shape, model.output_name)
+        images = ServedModel(ensemble_name(each), IMAGE_INPUT, BYTES, (1,), LOGITS_OUTPUT)
+        served.update({tensor.name: tensor, images.name: images})
+    return served
 
 
 def resolve(

@@ -1,11 +1,13 @@
 """The int8 variant end to end: published behind its accuracy gate, verified at load, and
-served by the predictor and by the real tritonserver with the answers the int8 model gives."""
+served by the predictor and by the real tritonserver with the answers the int8 model gives,
+directly and through the gateway's ``?precision=int8``."""
 
 from __future__ import annotations
 
 import base64
 import json
 import shutil
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from services.predictor.settings import PredictorSettings
 from services.triton.launcher import LocalTriton
 from services.triton.settings import TritonSettings
 from tests.conftest import PublishedModel
+from tests.gateway.conftest import gateway_app, isolated_settings
 from tests.predictor.conftest import start_predictor
 from tests.processes import free_ports
 from training import cli, quantize
@@ -109,13 +112,30 @@ def test_a_broken_calibration_fails_the_gate_and_publishes_nothing(
         return sorted(p.relative_to(repo) for p in repo.rglob("*") if p.name != ".publish.lock")
 
     before = contents()
+    # A real predictor polling the repository: it must keep serving the previous version.
+    server = start_predictor(repo, tmp_path / "predictor.log", engine="onnx", poll_interval_s=0.2)
 
     def constant_images(train: object, count: int = 0, seed: int = 0) -> quantize.Images:
         return np.zeros((32, 3, 32, 32), dtype=np.float32)  # one flat image: no real ranges
 
     monkeypatch.setattr(training.publish, "calibration_images", constant_images)
     argv = ["publish", "--checkpoint", str(published_model.checkpoint), "--repo", str(repo)]
-    assert cli.main([*argv, "--int8"]) == cli.EXIT_USER_ERROR
+    try:
+        assert cli.main([*argv, "--int8"]) == cli.EXIT_USER_ERROR
+        time.sleep(1.0)  # five polls of the repository
+        with urllib.request.urlopen(server.url + "/readyz", timeout=5) as response:
+            ready = json.loads(response.read())
+        assert ready["version"] == published_model.version and not ready["refused"], ready
+        body = {"image": _b64([held_out_digits(1)[0].png])[0]}
+        request = urllib.request.Request(
+            server.url + "/predict",
+            data=json.dumps(body).encode(),
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert json.loads(response.read())["version"] == str(published_model.version)
+    finally:
+        server.stop()
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("error: int8 gate failed"), error
     assert list_versions(repo, "classifier") == [published_model.version]
@@ -197,3 +217,83 @@ def test_triton_serves_the_int8_ensemble(int8_model: Int8Model, tmp_path: Path) 
         launcher.stop()
     assert served == int8_model.expected_top1
     assert config["name"] == "classifier_int8"
+
+
+def _b64(pngs: list[bytes]) -> list[str]:
+    return [base64.b64encode(png).decode() for png in pngs]
+
+
+async def test_the_gateway_routes_int8_to_each_engine_that_serves_it(
+    int8_model: Int8Model, tmp_path: Path
+) -> None:
+    """A real gateway (in process) in front of a real int8 predictor, a real fp32 predictor and
+    a real tritonserver: ``?precision=int8`` reaches each engine's int8 model and gives the
+    int8 model's top-1 on held-out digits (nearly all of them the true digit); engines that
+    cannot serve int8 answer 409, an unknown precision 400, and compare mode lists both."""
+    http, grpc, metrics, dead = free_ports(4)
+    triton_settings = TritonSettings(
+        repository=int8_model.repo,
+        run_dir=tmp_path / "triton-run",
+        http_port=http,
+        grpc_port=grpc,
+        metrics_port=metrics,
+    )
+    triton = LocalTriton(triton_settings)
+    triton.start()
+    int8 = start_predictor(int8_model.repo, tmp_path / "p8.log", engine="onnx", precision="int8")
+    fp32 = start_predictor(int8_model.repo, tmp_path / "p32.log", engine="onnx")
+    try:
+        triton.wait_ready()
+        common = {
+            "triton_url": f"http://{triton_settings.http_url}",
+            "torchserve_url": f"http://127.0.0.1:{dead}",  # never called at int8
+            "torchserve_management_url": None,
+            "health_interval_s": 0.2,
+            "backends": ["predictor", "torchserve", "triton"],
+        }
+        body = {"images": _b64(int8_model.pngs), "top_k": 1}
+        async with gateway_app(isolated_settings(predictor_url=int8.url, **common)) as (client, _):
+            for backend in ("predictor", "triton"):
+                reply = await client.post(f"/predict?backend={backend}&precision=int8", json=body)
+                assert reply.status_code == 200, reply.text
+                answer = reply.json()
+                assert (answer["backend"], answer["precision"]) == (backend, "int8")
+                served = [image[0]["class_id"] for image in answer["predictions"]]
+                assert served == int8_model.expected_top1, backend
+                right = sum(s == t for s, t in zip(served, int8_model.labels, strict=True))
+                assert right >= LEAST_ACCURACY * DIGITS
+            # Unnamed engine: the default one (the predictor) serves int8.
+            reply = await client.post("/predict?precision=int8", json=body)
+            assert reply.status_code == 200 and reply.json()["backend"] == "predictor"
+            reply = await client.post("/predict?backend=torchserve&precision=int8", json=body)
+            assert reply.status_code == 409, reply.text
+            assert reply.json()["code"] == "precision_unavailable"
+            assert "torchserve does not serve int8" in reply.json()["error"]
+            for bad in ("fp16", "both", "INT8"):
+                reply = await client.post(f"/predict?precision={bad}", json=body)
+                assert reply.status_code == 400, (bad, reply.text)
+                assert reply.json()["code"] == "unknown_precision"
+            reply = await client.post("/predict?backend=all&precision=both", json=body)
+            assert reply.status_code == 200, reply.text
+            compare = reply.json()
+            rows = {(r["backend"], r["precision"]): r for r in compare["results"]}
+            assert set(rows) == {
+                (b, p) for b in ("predictor", "torchserve", "triton") for p in ("fp32", "int8")
+            }
+            assert rows["torchserve", "int8"]["code"] == "precision_unavailable"
+            assert rows["triton", "int8"]["top1"] == rows["predictor", "int8"]["top1"]
+            # The int8 predictor serves int8 under both names; Triton's fp32 is fp32, and the
+            # share of digits where its int8 agrees with it is what the gate measured.
+            assert compare["precision_agreement"]["predictor"] == 1.0
+            assert compare["precision_agreement"]["triton"] >= 0.9
+        async with gateway_app(isolated_settings(predictor_url=fp32.url, **common)) as (client, _):
+            reply = await client.post("/predict?backend=predictor&precision=int8", json=body)
+            assert reply.status_code == 409, reply.text
+            assert reply.json()["code"] == "precision_unavailable"
+            assert "predictor does not serve int8" in reply.json()["error"]
+            reply = await client.post("/predict?backend=predictor", json=body)
+            assert reply.status_code == 200 and "precision" not in reply.json()
+    finally:
+        for server in (int8, fp32):
+            server.stop()
+        triton.stop()

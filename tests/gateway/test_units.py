@@ -221,13 +221,16 @@ class FlakyBackend:
     """Refuses the connection ``failures`` times, then answers (retry logic only)."""
 
     name = "predictor"
+    precisions = frozenset(("fp32",))
 
     def __init__(self, failures: int, error: Exception) -> None:
         self.failures = failures
         self.error = error
         self.calls = 0
 
-    async def predict(self, images: object, top_k: int, request_id: str) -> Answer:
+    async def predict(
+        self, images: object, top_k: int, request_id: str, precision: str = "fp32"
+    ) -> Answer:
         self.calls += 1
         if self.calls <= self.failures:
             raise self.error
@@ -305,7 +308,9 @@ async def test_a_merged_predictor_call_is_one_engine_call_to_the_breaker_and_met
     release = asyncio.Event()
 
     class StallThenFail(FlakyBackend):
-        async def predict(self, images: object, top_k: int, request_id: str) -> Answer:
+        async def predict(
+            self, images: object, top_k: int, request_id: str, precision: str = "fp32"
+        ) -> Answer:
             self.calls += 1
             await release.wait()
             raise EngineFault("500")

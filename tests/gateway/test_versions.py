@@ -34,12 +34,20 @@ IMAGE = EncodedImage(data=b"png")
 class VersionedBackend:
     """An engine that answers every image with one label, from one model version."""
 
+    precisions = frozenset(("fp32",))
+
     def __init__(self, name: BackendName, version: str, label: str) -> None:
         self.name = name
         self.version = version
         self.label = label
 
-    async def predict(self, images: Sequence[EncodedImage], top_k: int, request_id: str) -> Answer:
+    async def predict(
+        self,
+        images: Sequence[EncodedImage],
+        top_k: int,
+        request_id: str,
+        precision: str = "fp32",
+    ) -> Answer:
         prediction = {"label": self.label, "class_id": int(self.label), "score": 1.0}
         return Answer("classifier", self.version, [[prediction] for _ in images])
 
