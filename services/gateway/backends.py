@@ -45,6 +45,7 @@ from yarl import URL
 from services.common.errors import image_error_status
 from services.common.repository import INT8_SUFFIX
 from services.common.runtime import Precision, top_k_predictions
+from services.gateway.replicas import Replicas, Resolve, resolve_all, spreads
 from services.gateway.settings import BackendName, GatewaySettings
 from services.torchserve.config import REFUSED_FILE_NAME, Keys, read_keys, read_refused_versions
 from services.torchserve.workers import ready_workers
@@ -261,6 +262,12 @@ class HttpBackend:
             cookie_jar=aiohttp.DummyCookieJar(),
         )
         self.health_timeout = aiohttp.ClientTimeout(total=settings.health_timeout_s)
+        self.resolve_interval_s = settings.resolve_interval_s
+        # A dead replica stays passed over until the name has been resolved again.
+        self.down_s = max(settings.resolve_interval_s, 1.0)
+        self._replica_sets: dict[tuple[str, int], Replicas] = {}
+        #: How host names are resolved (the system resolver; tests name their own hosts).
+        self.resolve: Resolve = resolve_all
 
     def url(self, path: str) -> URL:
         """An absolute URL under the engine's base URL (built once per path by callers)."""
@@ -269,7 +276,52 @@ class HttpBackend:
     async def aclose(self) -> None:
         await self.session.close()
 
+    def _replicas(self, url: URL) -> Replicas | None:
+        """The replica set of ``url``'s host, made on first use; None when requests go to the
+        URL as it is (see :mod:`services.gateway.replicas`)."""
+        if self.resolve_interval_s == 0 or url.host is None or url.port is None:
+            return None
+        if not spreads(url.scheme, url.host):
+            return None
+        key = (url.host, url.port)
+        replicas = self._replica_sets.get(key)
+        if replicas is None:
+            replicas = Replicas(
+                url.host,
+                url.port,
+                interval_s=self.resolve_interval_s,
+                down_s=self.down_s,
+                resolve=self.resolve,
+            )
+            self._replica_sets[key] = replicas
+        return replicas
+
     async def _send(
+        self,
+        method: str,
+        url: URL,
+        data: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Reply:
+        """One request, to the next replica of the URL's host in turn; a replica that refuses
+        or drops the connection is passed over and the next one tried at once."""
+        replicas = self._replicas(url)
+        addresses = await replicas.candidates() if replicas is not None else []
+        if replicas is None or not addresses:
+            return await self._send_to(method, url, data, headers)
+        named = {**(headers or {}), "Host": url.raw_authority}
+        for address in addresses[:-1]:
+            try:
+                return await self._send_to(method, url.with_host(address), data, named)
+            except ConnectFailed:
+                replicas.failed(address)
+        try:
+            return await self._send_to(method, url.with_host(addresses[-1]), data, named)
+        except ConnectFailed:
+            replicas.failed(addresses[-1])
+            raise
+
+    async def _send_to(
         self,
         method: str,
         url: URL,
@@ -300,14 +352,35 @@ class HttpBackend:
             raise EngineUnavailable(f"{self.name}: {type(exc).__name__}: {exc}") from None
 
     async def _probe(self, url: URL, headers: dict[str, str] | None = None) -> Reply | str:
-        """A readiness probe: the answer, or why there is none."""
+        """A readiness probe: the answer, or why there is none. With replicas, the engine is
+        ready when the first one that accepts a connection says so (requests pass over the
+        ones that do not)."""
+        replicas = self._replicas(url)
+        addresses = await replicas.candidates() if replicas is not None else []
+        if replicas is None or not addresses:
+            return (await self._probe_one(url, headers))[0]
+        named = {**(headers or {}), "Host": url.raw_authority}
+        answer: Reply | str = "no replica"
+        for address in addresses:
+            answer, unreachable = await self._probe_one(url.with_host(address), named)
+            if not unreachable:
+                return answer
+            replicas.failed(address)
+        return answer
+
+    async def _probe_one(
+        self, url: URL, headers: dict[str, str] | None
+    ) -> tuple[Reply | str, bool]:
+        """The probe's answer or why there is none, and whether no connection was made."""
         try:
             async with self.session.get(url, headers=headers, timeout=self.health_timeout) as r:
-                return Reply(r.status, await r.read(), r.reason or "")
+                return Reply(r.status, await r.read(), r.reason or ""), False
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            return f"{type(exc).__name__}: {exc}", True
         except TimeoutError:
-            return "readiness check timed out"
+            return "readiness check timed out", False
         except aiohttp.ClientError as exc:
-            return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            return (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__), False
 
 
 def _torchserve_exception(reply: Reply) -> str | None:

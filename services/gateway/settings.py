@@ -85,6 +85,10 @@ class GatewaySettings(ServiceSettings):
     """How often every engine's readiness is checked (`/readyz` shows the result)."""
     health_timeout_s: float = Field(default=2.0, gt=0.0)
     """Time one readiness check may take before the engine counts as not ready."""
+    resolve_interval_s: float = Field(default=5.0, ge=0.0)
+    """How often an engine's host name is resolved again; calls go to its addresses in turn
+    (replicas: `docker compose --scale`, a headless Service), passing over one that refuses.
+    0 connects by name (the HTTP client picks one address per connection)."""
     max_connections: int = Field(default=64, ge=1)
     """Pooled keep-alive connections per engine."""
     predictor_coalesce_calls: int = Field(default=1, ge=0, le=64)
