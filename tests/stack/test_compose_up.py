@@ -131,14 +131,19 @@ def _tear_down(stack: ComposeStack) -> None:
 def stack() -> Iterator[ComposeStack]:
     """Engine, base image, images built, `up --wait`; afterwards down with volumes and the
     engine stopped when this test started it."""
+    started = time.monotonic()
     with docker_engine() as engine:
+        print(f"\ncompose-test phase: engine {time.monotonic() - started:.0f}s")
+        started = time.monotonic()
+        base = base_image(engine)
+        print(f"compose-test phase: base image {time.monotonic() - started:.0f}s")
         gateway_port, prometheus_port = free_ports(2)
         stack = ComposeStack(
             engine,
             gateway_url=f"http://127.0.0.1:{gateway_port}",
             prometheus_url=f"http://127.0.0.1:{prometheus_port}",
             env={
-                "COMPOSE_TEST_BASE_IMAGE": base_image(engine),
+                "COMPOSE_TEST_BASE_IMAGE": base,
                 "COMPOSE_TEST_GATEWAY_PORT": str(gateway_port),
                 "COMPOSE_TEST_PROMETHEUS_PORT": str(prometheus_port),
             },
@@ -150,13 +155,17 @@ def stack() -> Iterator[ComposeStack]:
             with wheel_mirror(engine):
                 started = time.monotonic()
                 log.write_text(stack.compose("--progress", "plain", "build", timeout=2000))
-            print(f"compose build: {time.monotonic() - started:.0f}s (log: {log})")
+            print(f"compose-test phase: build {time.monotonic() - started:.0f}s (log: {log})")
             started = time.monotonic()
             stack.compose("up", "--wait", "--wait-timeout", "600", timeout=700)
-            print(f"compose up --wait: {time.monotonic() - started:.0f}s")
+            print(f"compose-test phase: up --wait {time.monotonic() - started:.0f}s")
             yield stack
         finally:
+            started = time.monotonic()
             _tear_down(stack)
+            print(f"compose-test phase: down {time.monotonic() - started:.0f}s")
+        started = time.monotonic()
+    print(f"compose-test phase: engine stop {time.monotonic() - started:.0f}s")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -366,8 +375,11 @@ def _restarted_and_healthy(stack: ComposeStack, service: str, restarts_before: i
 
 def crash(container: dict[str, Any]) -> None:
     """SIGKILL the container's main process from the host, as a segfault or the OOM killer
-    would end it. Not `docker kill`: Docker 20.10 (Debian's docker.io) takes a container it
-    was told to kill for one stopped by hand, and its restart policy then does not apply."""
+    would end it. Not `docker kill`: Docker documents (docker-kill(1)) that a kill with a fatal
+    signal disables the restart policy until the container is next started, so `restart:
+    unless-stopped` brings back a crashed engine, never one killed or stopped by hand. Not
+    `docker exec ... kill -9 1` either: the kernel ignores SIGKILL sent to a PID namespace's
+    init from inside it."""
     pid = int(container["State"]["Pid"])
     assert pid > 0, container["State"]
     try:
@@ -404,3 +416,61 @@ def test_crashed_predictor_fails_over_without_5xx_and_comes_back(stack: ComposeS
     assert failed_over, "no request failed over while the predictor was down"
     assert all(backend in ("torchserve", "triton") for _, backend, _ in failed_over)
     assert load.answers[-1][1] == "predictor"  # served by the predictor again at the end
+
+
+#: Run inside a predictor container: the images it classified so far (every route).
+_IMAGES_SCRIPT = """
+import urllib.request
+text = urllib.request.urlopen("http://127.0.0.1:8100/metrics", timeout=10).read().decode()
+print(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+          if line.startswith("predictor_images_total")))
+"""
+
+
+def images_classified(stack: ComposeStack, container: dict[str, Any]) -> float:
+    return float(in_container(stack, container["Id"], "python", "-c", _IMAGES_SCRIPT))
+
+
+def test_scaled_predictor_spreads_requests_and_losing_a_replica_loses_none(
+    stack: ComposeStack,
+) -> None:
+    # --no-deps: the trainer has done its job (starting it again would only find version 1).
+    stack.compose(
+        "up", "--detach", "--wait", "--wait-timeout", "300", "--no-deps",
+        "--scale", "predictor=2", "predictor",
+        timeout=400,
+    )  # fmt: skip
+    replicas = stack.containers("predictor")
+    assert len(replicas) == 2 and all(healthy(c) for c in replicas), [c["State"] for c in replicas]
+    digit = held_out_digits(1)[0]
+    # The gateway resolves `predictor` again every GATEWAY_RESOLVE_INTERVAL_S (5 s): once it
+    # has, both replicas get calls.
+    before = {c["Id"]: images_classified(stack, c) for c in replicas}
+
+    def both_served() -> bool:
+        for _ in range(5):
+            response = predict(stack.gateway_url, digit, "predictor")
+            assert response.status_code == 200 and response.headers["x-backend"] == "predictor"
+        return all(images_classified(stack, c) > before[c["Id"]] for c in replicas)
+
+    wait_for(both_served, 60, "requests reaching both predictor replicas", interval=0.5)
+    before = {c["Id"]: images_classified(stack, c) for c in replicas}
+    for _ in range(20):
+        assert predict(stack.gateway_url, digit, "predictor").status_code == 200
+    shares = {c["Id"][:12]: images_classified(stack, c) - before[c["Id"]] for c in replicas}
+    # In turn, one call each; the gateway's readiness checks take turns too.
+    assert all(share >= 5 for share in shares.values()), shares
+
+    victim = replicas[0]
+    with Load(stack.gateway_url, "predictor", digit) as load:
+        wait_for(lambda: len(load.answers) >= 20, 60, "load before the kill")
+        crash(victim)
+        # Long enough for the gateway to resolve the name again without the dead replica.
+        time.sleep(12)
+    statuses = Counter(status for status, _, _ in load.answers)
+    assert not load.errors, load.errors[:5]
+    assert set(statuses) == {200}, statuses
+    served = Counter(backend for _, backend, _ in load.answers)
+    # The surviving replica answered every call the dead one would have had: none failed
+    # over to another engine.
+    assert set(served) == {"predictor"}, served
