@@ -23,6 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,38 @@ class ComposeStack:
         }
 
 
+def _stamp(value: str) -> float:
+    """Seconds since the epoch of one of Docker's RFC 3339 times (nanoseconds cut to micro)."""
+    day, _, rest = value.partition("T")
+    clock = rest.rstrip("Z").split("+")[0]
+    whole, _, fraction = clock.partition(".")
+    parsed = datetime.fromisoformat(f"{day}T{whole}.{(fraction + '000000')[:6]}+00:00")
+    return parsed.timestamp()
+
+
+def timeline(stack: ComposeStack) -> str:
+    """When each container started, finished (the trainer) and first passed its healthcheck
+    (of the last five probes Docker keeps), in seconds from the first start: where `up --wait`
+    spent its time."""
+    rows = []
+    for container in stack.containers():
+        state = container["State"]
+        probes = (state.get("Health") or {}).get("Log") or []
+        healthy_at = next((p["End"] for p in probes if p.get("ExitCode") == 0), None)
+        finished = state["FinishedAt"] if not state["Running"] else None
+        rows.append((container["Name"].lstrip("/"), state["StartedAt"], finished, healthy_at))
+    origin = min(_stamp(started) for _, started, _, _ in rows)
+    lines = ["compose-test timeline (s from the first start):"]
+    for name, started, finished, healthy_at in sorted(rows, key=lambda r: r[1]):
+        line = f"  {name}: started {_stamp(started) - origin:.0f}"
+        if finished is not None and not finished.startswith("0001"):
+            line += f", exited {_stamp(finished) - origin:.0f}"
+        if healthy_at is not None:
+            line += f", healthy {_stamp(healthy_at) - origin:.0f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def _tear_down(stack: ComposeStack) -> None:
     stack.compose("down", "--volumes", "--remove-orphans", "--timeout", "30", timeout=300)
     left = stack.leftovers()
@@ -156,9 +189,13 @@ def stack() -> Iterator[ComposeStack]:
                 started = time.monotonic()
                 log.write_text(stack.compose("--progress", "plain", "build", timeout=2000))
             print(f"compose-test phase: build {time.monotonic() - started:.0f}s (log: {log})")
+            for image in (base, *IMAGES.values()):
+                size = int(engine.docker_cli("image", "inspect", "--format", "{{.Size}}", image))
+                print(f"compose-test image: {image} {size / 1e9:.2f} GB")
             started = time.monotonic()
             stack.compose("up", "--wait", "--wait-timeout", "600", timeout=700)
             print(f"compose-test phase: up --wait {time.monotonic() - started:.0f}s")
+            print(timeline(stack))
             yield stack
         finally:
             started = time.monotonic()
