@@ -180,31 +180,76 @@ class LocalStack:
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+class StackSlot:
+    """The default ports hold one local stack at a time.
+
+    `make up` refuses ports another stack holds, so a test module that needs a stack of its
+    own (a corrupt repository, say) takes the slot: the stack holding it is stopped first and
+    started again, on the same folders, by the next test that asks for it. Every stop must
+    leave no process behind.
+    """
+
+    def __init__(self) -> None:
+        self.current: LocalStack | None = None
+
+    def hold(self, stack: LocalStack) -> LocalStack:
+        """``stack`` up on the default ports (a no-op when it already holds them)."""
+        if self.current is stack:
+            return stack
+        if self.current is not None:
+            self.release(self.current)
+        started = stack.make("up")
+        assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+        self.current = stack
+        return stack
+
+    def release(self, stack: LocalStack) -> None:
+        """`make down` of ``stack``; fails when any of its processes survives."""
+        from services.stack.settings import StackSettings
+        from services.stack.supervisor import stack_processes
+
+        if self.current is stack:
+            self.current = None
+        stopped = stack.make("down")
+        left = stack_processes(StackSettings(run_dir=stack.run_dir, repository=stack.repository))
+        assert stopped.returncode == 0, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+        assert not left, f"processes left after `make down`: {[p.pid for p in left]}"
+
+
 @pytest.fixture(scope="session")
-def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    """`make up` from a stopped state with an empty repository (so it trains and publishes
-    first), yielded ready; `make down` at the end must leave no process behind."""
+def stack_slot() -> Iterator[StackSlot]:
+    slot = StackSlot()
+    try:
+        yield slot
+    finally:
+        if slot.current is not None:
+            slot.release(slot.current)
+
+
+def new_local_stack(base: Path, repository: Path | None = None) -> LocalStack:
+    """A stack whose run folder (and, unless given, repository) lie under ``base``; nothing
+    of it may be running yet."""
     from services.stack.settings import StackSettings
     from services.stack.supervisor import stack_processes
 
-    base = tmp_path_factory.mktemp("stack")
+    repository = repository or base / "model_repository"
     stack = LocalStack(
         run_dir=base / "run",
-        repository=base / "model_repository",
-        env={
-            **os.environ,
-            "STACK_RUN_DIR": str(base / "run"),
-            "STACK_REPOSITORY": str(base / "model_repository"),
-        },
+        repository=repository,
+        env={**os.environ, "STACK_RUN_DIR": str(base / "run"), "STACK_REPOSITORY": str(repository)},
     )
     settings = StackSettings(run_dir=stack.run_dir, repository=stack.repository)
     assert not stack_processes(settings), "a stack is already running in this run folder"
-    try:
-        started = stack.make("up")
-        assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
-        yield stack
-    finally:
-        stopped = stack.make("down")
-        left = stack_processes(settings)
-        assert stopped.returncode == 0, stopped.stdout[-2000:] + stopped.stderr[-2000:]
-        assert not left, f"processes left after `make down`: {[p.pid for p in left]}"
+    return stack
+
+
+@pytest.fixture(scope="session")
+def _session_stack(tmp_path_factory: pytest.TempPathFactory) -> LocalStack:
+    return new_local_stack(tmp_path_factory.mktemp("stack"))
+
+
+@pytest.fixture
+def local_stack(stack_slot: StackSlot, _session_stack: LocalStack) -> LocalStack:
+    """The session's stack, ready: the first `make up` starts from an empty repository (so it
+    trains and publishes first); `make down` at the end must leave no process behind."""
+    return stack_slot.hold(_session_stack)

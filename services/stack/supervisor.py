@@ -9,8 +9,10 @@ checks that no process it started survives, killing any that does.
 from __future__ import annotations
 
 import logging
+import errno
 import math
 import os
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -240,6 +242,66 @@ def _predictor_port() -> int:
     return PredictorSettings().port
 
 
+def stack_ports(settings: StackSettings) -> dict[str, int]:
+    """Every TCP port the stack's servers listen on, by what listens there, each read from
+    its service's settings (so an overridden port is the one checked)."""
+    from services.predictor.settings import PredictorSettings
+    from services.torchserve.config import TorchServeSettings
+    from services.triton.settings import TritonSettings
+
+    predictor, torchserve, triton = PredictorSettings(), TorchServeSettings(), TritonSettings()
+    ports = {
+        "gateway": settings.gateway_port,
+        "prometheus": settings.prometheus_port,
+        "predictor HTTP": predictor.port,
+        "TorchServe inference": torchserve.inference_port,
+        "TorchServe management": torchserve.management_port,
+        "TorchServe metrics": torchserve.metrics_port,
+        "TorchServe gRPC inference": torchserve.grpc_inference_port,
+        "TorchServe gRPC management": torchserve.grpc_management_port,
+        "Triton HTTP": triton.http_port,
+        "Triton gRPC": triton.grpc_port,
+        "Triton metrics": triton.metrics_port,
+    }
+    if predictor.grpc_port:
+        ports["predictor gRPC"] = predictor.grpc_port
+    return ports
+
+
+def _holder(port: int) -> str:
+    """Who listens on ``port`` (pid and command), as far as this user may see it."""
+    try:
+        for connection in psutil.net_connections(kind="tcp"):
+            if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port:
+                if connection.pid is None:
+                    break
+                process = psutil.Process(connection.pid)
+                command = " ".join(process.cmdline()[:4])
+                return f" by pid {connection.pid} ({command})"
+    except (psutil.Error, OSError):
+        pass
+    return ""
+
+
+def busy_ports(settings: StackSettings) -> list[str]:
+    """The stack's ports another process already listens on, each named with its holder.
+
+    Checked before supervisord starts: a port held by another stack or service would make one
+    engine crash-loop, or worse, make `up` wait on another stack's gateway and report it ready.
+    """
+    busy = []
+    for name, port in stack_ports(settings).items():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is free
+            try:
+                probe.bind(("0.0.0.0", port))
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                busy.append(f"{port} ({name}) is in use{_holder(port)}")
+    return busy
+
+
 def ensure_prometheus(settings: StackSettings) -> None:
     """Debian's prometheus package, installed when absent (needs root and apt)."""
     if settings.prometheus_binary.is_file():
@@ -326,6 +388,12 @@ def up(settings: StackSettings) -> float:
     if supervisord_pid(settings) is not None:
         raise StackError(
             f"the stack is already running (supervisord in {settings.run_dir}); `make down` first"
+        )
+    busy = busy_ports(settings)
+    if busy:
+        raise StackError(
+            "the stack's ports are taken: " + "; ".join(busy) + ". Stop what holds them "
+            "(another stack: `make down` with its STACK_RUN_DIR) or move it to other ports"
         )
     ensure_prometheus(settings)
     ensure_model(settings)

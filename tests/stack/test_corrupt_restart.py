@@ -26,9 +26,7 @@ import httpx
 import psutil
 import pytest
 
-from services.stack.settings import StackSettings
-from services.stack.supervisor import stack_processes
-from tests.conftest import CorruptNewest, LocalStack
+from tests.conftest import CorruptNewest, LocalStack, StackSlot, new_local_stack
 from tests.processes import wait_for
 from tests.stack.test_local_stack import BACKENDS, _supervised_pid, engines_ready
 
@@ -46,27 +44,18 @@ class CorruptStack:
 
 @pytest.fixture(scope="module")
 def corrupt_stack(
-    corrupt_newest: CorruptNewest, tmp_path_factory: pytest.TempPathFactory
+    corrupt_newest: CorruptNewest,
+    stack_slot: StackSlot,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[CorruptStack]:
     base = tmp_path_factory.mktemp("corrupt-stack")
     repository = base / "model_repository"
     shutil.copytree(corrupt_newest.repo, repository, symlinks=True)
-    stack = LocalStack(
-        run_dir=base / "run",
-        repository=repository,
-        env={**os.environ, "STACK_RUN_DIR": str(base / "run"), "STACK_REPOSITORY": str(repository)},
-    )
-    settings = StackSettings(run_dir=stack.run_dir, repository=stack.repository)
-    assert not stack_processes(settings), "a stack is already running in this run folder"
+    stack = new_local_stack(base, repository)
     try:
-        started = stack.make("up")
-        assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
-        yield CorruptStack(stack, corrupt_newest)
+        yield CorruptStack(stack_slot.hold(stack), corrupt_newest)
     finally:
-        stopped = stack.make("down")
-        left = stack_processes(settings)
-        assert stopped.returncode == 0, stopped.stdout[-2000:] + stopped.stderr[-2000:]
-        assert not left, f"processes left after `make down`: {[p.pid for p in left]}"
+        stack_slot.release(stack)
 
 
 def _assert_serving_previous(corrupt: CorruptStack) -> None:
