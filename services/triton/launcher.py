@@ -19,13 +19,14 @@ The wheel ships Triton 2.51 with only the python backend. :class:`LocalTriton`:
 
 New versions without a restart (:meth:`LocalTriton.reload`, ``python -m services.triton
 reload``): the server runs with ``--model-control-mode=explicit`` (every model loaded at start),
-so nothing changes until it is asked. ``reload`` regenerates the twin repository for the newest
-published version (verified first: a version whose files fail their sha256 is refused before
-anything changes) and asks Triton's repository API to load each model, the classifiers first
-and the ensemble last. Triton loads the new version beside the old one and swaps it in
-without losing availability; a load that fails leaves the loaded version serving, and the
-launcher then writes that version's repository back, so that what is on disk is what is
-served.
+so nothing changes until it is asked. ``reload`` generates the twin repository of the newest
+published version beside the served one (verified first: a version whose files fail their
+sha256 is refused before anything changes) and moves it in model by model, each version folder
+just before its model's load: the ensembles' steps first, kept two versions at once, then the
+ensembles, whose steps are pinned to their own version, then, after a drain, the new version
+alone (see :meth:`LocalTriton.reload` for why each step is needed). A load that fails leaves
+the loaded version serving, and the launcher then writes that version's repository back, so
+that what is on disk is what is served.
 
 The server's shared-memory, logging, model-repository and trace APIs (HTTP and gRPC) answer
 only requests carrying a header key drawn at random for each start (:data:`RESTRICTED_APIS`):
@@ -80,7 +81,7 @@ from services.common.repository import (
     relative_to_repository,
 )
 from services.triton.model_configs import write_local_repository
-from services.triton.protocol import PREPROCESS_MODEL
+from services.triton.protocol import ENSEMBLE_SUFFIX, PREPROCESS_MODEL
 from services.triton.settings import TritonSettings
 
 logger = logging.getLogger(__name__)
@@ -187,18 +188,22 @@ class LocalTriton:
 
     # --- preparing ---------------------------------------------------------------------
 
-    def prepare(self, version: int | None = None) -> int:
-        """Generate the repository and the backend directory; return the served version:
-        ``version``, or at start (None) the newest valid one."""
+    def prepare(
+        self, version: int | None = None, target: Path | None = None, versions: int = 1
+    ) -> int:
+        """Generate the repository (into ``target``, by default the one served) and the backend
+        directory; return the served version: ``version``, or at start (None) the newest valid
+        one. ``versions``: how many version folders each config serves (see :meth:`reload`)."""
         dist = self.distribution
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             version = write_local_repository(
-                self.repository,
+                target or self.repository,
                 self.settings.repository.resolve(),
                 self.settings.model,
                 self.settings,
                 version=version,
+                versions=versions,
             )
         except (RepositoryError, ValueError) as exc:  # nothing (verified) to serve, or
             raise LauncherError(str(exc)) from None  # overrides that do not fit: say so
@@ -437,15 +442,17 @@ class LocalTriton:
 
     # --- new versions ------------------------------------------------------------------
 
-    def models(self) -> list[str]:
-        """The models of the twin repository in load order: the ensemble's steps, then the
-        ensemble, back to back (its steps run the newest loaded version of each, so the
-        moments in which it mixes versions are the few between these loads), then the
-        TorchScript twin, which is no step of the ensemble and the slowest to load."""
-        names = [self.settings.model, PREPROCESS_MODEL, self.settings.ensemble]
-        if self.settings.torchscript_twin:
-            names.append(self.settings.model + TORCHSCRIPT_SUFFIX)
-        return names
+    def models(self, repository: Path | None = None) -> list[str]:
+        """The models of a twin repository in load order: the ensembles' steps (the classifier
+        first), then the ensembles, then the TorchScript twin, which is no step of an ensemble
+        and the slowest to load."""
+        folder = repository or self.repository
+        names = sorted(p.name for p in folder.iterdir() if (p / "config.pbtxt").is_file())
+        ensembles = [n for n in names if n.endswith(ENSEMBLE_SUFFIX)]
+        late = [n for n in names if n.endswith(TORCHSCRIPT_SUFFIX)]
+        steps = [n for n in names if n not in ensembles and n not in late]
+        steps.sort(key=lambda n: (n != self.settings.model, n != PREPROCESS_MODEL, n))
+        return steps + ensembles + late
 
     def served_version(self, client: httpx.Client) -> int | None:
         """The version of the ensemble Triton serves now (the newest it lists), or None."""
@@ -459,24 +466,73 @@ class LocalTriton:
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             return None
 
-    def _load_all(self, client: httpx.Client) -> None:
+    def _load(self, client: httpx.Client, name: str) -> None:
+        """Ask Triton to load ``name`` from the repository as it is on disk now."""
         base = f"http://{self.settings.http_url}/v2/repository/models"
-        headers = self.admin_headers()  # the repository API is restricted
-        for name in self.models():
-            reply = client.post(f"{base}/{name}/load", json={}, headers=headers)
-            if reply.status_code != 200:
-                try:
-                    message = str(reply.json().get("error", reply.text))
-                except ValueError:
-                    message = reply.text
-                raise LauncherError(f"Triton could not load {name}: {message.strip()[:1000]}")
+        reply = client.post(f"{base}/{name}/load", json={}, headers=self.admin_headers())
+        if reply.status_code != 200:
+            try:
+                message = str(reply.json().get("error", reply.text))
+            except ValueError:
+                message = reply.text
+            raise LauncherError(f"Triton could not load {name}: {message.strip()[:1000]}")
+
+    def _swap_in(self, staged: Path, name: str) -> None:
+        """Replace the served repository's ``name`` folder with the staged one (a rename each
+        way; Triton reads the folder only when asked to load, so it never sees the gap)."""
+        live = self.repository / name
+        old = self.run_dir / f".old-{name}"
+        if old.exists():
+            shutil.rmtree(old)
+        if live.exists():
+            live.rename(old)
+        (staged / name).rename(live)
+        if old.exists():
+            shutil.rmtree(old)
+
+    def _add_version(self, staged: Path, name: str, version: int) -> None:
+        """Put ``version``'s folder of ``name`` beside the one served, with the staged config
+        (two versions) and labels: the next load of ``name`` keeps both loaded."""
+        live = self.repository / name
+        live.mkdir(parents=True, exist_ok=True)
+        target = live / str(version)
+        if target.exists():
+            shutil.rmtree(target)
+        (staged / name / str(version)).rename(target)
+        for extra in sorted((staged / name).iterdir()):
+            if extra.is_file():
+                shutil.copy2(extra, live / extra.name)
+
+    def _stage(self, version: int | None, versions: int) -> tuple[Path, int]:
+        """``version``'s twin repository (None: the newest valid one's), generated beside the
+        served one; and that version."""
+        staged = self.run_dir / "staging"
+        return staged, self.prepare(version, staged, versions)
 
     def reload(self, timeout_s: float = 300.0) -> Reloaded:
         """Serve the newest published version without a restart (see the module docstring).
 
         A version that fails verification or loading is refused: the one served before still
         is, and the answer names the refusal. Raises :class:`LauncherError` when no server
-        runs from this run folder."""
+        runs from this run folder.
+
+        No request fails, and every answer names the version that ran it:
+
+        1. each step of the ensembles (classifier, ``preprocess``) gets the new version's
+           folder beside the served one and is loaded keeping both (``num_versions: 2``); the
+           ensembles are not touched yet, so Triton's reload of them as dependents keeps the
+           served ensemble version, whose steps are pinned to the old version;
+        2. the ensembles get the new version the same way: Triton swaps the newest ready
+           version in (pinned to the new steps) while the old number stays ready;
+        3. after :attr:`~services.triton.settings.TritonSettings.reload_drain_s`, in which the
+           requests that started on the old version finish (Triton's HTTP frontend looks the
+           answering version up again to write a classification answer, and a version already
+           unloaded fails it with 503 "... is not at ready state"), every model is loaded again
+           from the new version alone, the ensembles first.
+
+        A load that fails in steps 1-2 stops there (no ensemble of a refused version is ever
+        loaded); the old version's repository is written back and its models loaded again.
+        """
         if self.running_pid() is None:
             raise LauncherError(f"no tritonserver runs from {self.run_dir}")
         repo = self.settings.repository.resolve()
@@ -487,19 +543,25 @@ class LocalTriton:
             try:
                 # The newest only: verified before anything changes, refused if it fails (the
                 # version walk is for the start, when nothing is served yet).
-                version = self.prepare(newest)
+                staged, version = self._stage(newest, versions=2)
             except LauncherError as exc:
                 return self._refused(before, newest, relative_to_repository(str(exc), repo))
             if version != before:
+                touched: list[str] = []
                 try:
-                    self._load_all(client)
+                    for name in self.models(staged):
+                        touched.append(name)
+                        self._add_version(staged, name, version)
+                        self._load(client, name)
                 except (LauncherError, httpx.HTTPError) as exc:
                     if before is not None:
-                        self._restore(client, before)
+                        self._restore(client, before, touched)
                     return self._refused(before, version, str(exc))
                 served = self.served_version(client)
                 if served != version:
                     raise LauncherError(f"asked Triton to load v{version}; it serves v{served}")
+                time.sleep(self.settings.reload_drain_s)
+                self._settle(client, version)
                 logger.info(
                     "Triton now serves %s v%d (was v%s)", self.settings.model, version, before
                 )
@@ -508,25 +570,36 @@ class LocalTriton:
             refused[newest] = _verification_error(repo, self.settings.model, newest)
         return Reloaded(version, before, refused)
 
+    def _settle(self, client: httpx.Client, version: int) -> None:
+        """Serve ``version`` alone: its repository swapped in model by model, each loaded again
+        (the ensembles first, so that no ensemble is left whose old version Triton still
+        reloads as a dependent)."""
+        staged, _ = self._stage(version, versions=1)
+        names = self.models(staged)
+        ensembles = [n for n in names if n.endswith(ENSEMBLE_SUFFIX)]
+        for name in ensembles + [n for n in names if n not in ensembles]:
+            self._swap_in(staged, name)
+            try:
+                self._load(client, name)
+            except (LauncherError, httpx.HTTPError) as exc:  # both versions were loaded
+                logger.error("could not unload the old versions of %s: %s", name, exc)
+
     def _refused(self, served: int | None, version: int | None, reason: str) -> Reloaded:
         logger.error(
             "refused %s v%s, still serving v%s: %s", self.settings.model, version, served, reason
         )
         return Reloaded(served, served, {version: reason} if version is not None else {})
 
-    def _restore(self, client: httpx.Client, version: int) -> None:
+    def _restore(self, client: httpx.Client, version: int, touched: list[str]) -> None:
         """Write the twin repository of ``version`` (the one still served) back in place and
-        load it again, so that a model the failed reload did switch goes back to it too."""
+        load the ``touched`` models again, so that what is on disk is what is served."""
         try:
-            write_local_repository(
-                self.repository,
-                self.settings.repository.resolve(),
-                self.settings.model,
-                self.settings,
-                version=version,
-            )
-            self._load_all(client)
-        except (RepositoryError, ValueError, LauncherError, httpx.HTTPError) as exc:
+            staged, _ = self._stage(version, versions=1)
+            for name in self.models(staged):
+                self._swap_in(staged, name)
+            for name in touched:
+                self._load(client, name)
+        except (LauncherError, httpx.HTTPError, OSError) as exc:
             logger.error("could not put v%d back in place: %s", version, exc)
 
     def log_tail(self, lines: int = 30) -> str:

@@ -93,6 +93,9 @@ class TritonSettings(BaseSettings):
     """How long ``up`` waits for the server and the ensemble to be ready before giving up."""
     stop_timeout_s: float = Field(default=20.0, gt=0)
     """How long ``down`` waits after SIGTERM before it kills the process group."""
+    reload_drain_s: float = Field(default=2.0, ge=0)
+    """How long ``reload`` keeps the old version loaded beside the new one, once the new one
+    serves, for the requests that started on the old one to finish."""
     log_verbose: int = Field(default=0, ge=0, le=3)
     """tritonserver ``--log-verbose`` level."""
 

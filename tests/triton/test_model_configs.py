@@ -334,3 +334,26 @@ def test_pruned_versions_lose_their_pipeline_folders(
     for name in ("preprocess", f"{manifest.model}_ensemble"):
         remaining = sorted(p.name for p in (repo_copy / name).iterdir() if p.is_dir())
         assert remaining == [str(manifest.version + 1)]
+
+
+def test_local_ensembles_pin_their_steps_and_a_reload_stage_keeps_two_versions(
+    published_model: PublishedModel, tmp_path: Path
+) -> None:
+    """The local ensemble runs exactly the version it names (its steps pinned to it), and the
+    repository a reload stages serves two version folders per model; the published configs
+    keep -1 (the newest loaded) and one version."""
+    target = tmp_path / "run" / "model_repository"
+    version = mc.write_local_repository(
+        target, published_model.repo, published_model.model, TritonSettings(), versions=2
+    )
+    ensemble = read_config(target / "classifier_ensemble" / "config.pbtxt")
+    assert [s.model_version for s in ensemble.ensemble_scheduling.step] == [version, version]
+    for name in ("classifier", "preprocess", "classifier_ensemble"):
+        assert read_config(target / name / "config.pbtxt").version_policy.latest.num_versions == 2
+    mc.write_local_repository(target, published_model.repo, published_model.model, TritonSettings())
+    assert (
+        read_config(target / "classifier" / "config.pbtxt").version_policy.latest.num_versions == 1
+    )
+    published = parse(mc.ensemble_config(published_model.manifest))
+    assert [s.model_version for s in published.ensemble_scheduling.step] == [-1, -1]
+    assert published.version_policy.latest.num_versions == 1
