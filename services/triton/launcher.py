@@ -523,7 +523,8 @@ class LocalTriton:
            ensembles are not touched yet, so Triton's reload of them as dependents keeps the
            served ensemble version, whose steps are pinned to the old version;
         2. the ensembles get the new version the same way: Triton swaps the newest ready
-           version in (pinned to the new steps) while the old number stays ready;
+           version in (pinned to the new steps) while the old number stays ready; then the
+           TorchScript twin;
         3. after :attr:`~services.triton.settings.TritonSettings.reload_drain_s`, in which the
            requests that started on the old version finish (Triton's HTTP frontend looks the
            answering version up again to write a classification answer, and a version already
