@@ -8,8 +8,8 @@ checks that no process it started survives, killing any that does.
 
 from __future__ import annotations
 
-import logging
 import errno
+import logging
 import math
 import os
 import socket
