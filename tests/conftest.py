@@ -203,6 +203,12 @@ class StackSlot:
         self.current = stack
         return stack
 
+    def stopped(self, stack: LocalStack) -> None:
+        """``stack`` was stopped by its holder (the README's own `make down`, say): the slot
+        is free, and the next test that asks for the stack starts it again."""
+        assert self.current is stack, "only the stack holding the slot can have stopped"
+        self.current = None
+
     def release(self, stack: LocalStack) -> None:
         """`make down` of ``stack``; fails when any of its processes survives."""
         from services.stack.settings import StackSettings
