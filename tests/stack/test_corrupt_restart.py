@@ -13,13 +13,11 @@ went FATAL, TorchServe BACKOFF, and the gateway answered 503 until the bad files
 
 from __future__ import annotations
 
-import base64
 import os
 import shutil
 import signal
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -29,6 +27,7 @@ import pytest
 from tests.conftest import CorruptNewest, LocalStack, StackSlot, new_local_stack
 from tests.processes import wait_for
 from tests.stack.test_local_stack import BACKENDS, _supervised_pid, engines_ready
+from tests.stack.traffic import Traffic
 
 pytestmark = pytest.mark.slow
 
@@ -72,49 +71,6 @@ def _assert_serving_previous(corrupt: CorruptStack) -> None:
         assert refused[0]["reason"].startswith(
             f"classifier_torchscript/{bad}/model.pt: sha256 mismatch"
         ), (backend, refused)
-
-
-@dataclass
-class Traffic:
-    """A client sending one digit after another through the gateway, to each engine in turn."""
-
-    stack: LocalStack
-    images: list[bytes]
-    answered: int = 0
-    failures: list[str] = field(default_factory=list)
-    versions: set[str] = field(default_factory=set)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def _send(self) -> None:
-        with httpx.Client(timeout=30) as client:
-            while not self._stop.is_set():
-                backend = BACKENDS[self.answered % len(BACKENDS)]
-                image = self.images[self.answered % len(self.images)]
-                body = {"image": base64.b64encode(image).decode()}
-                try:
-                    response = client.post(
-                        f"{self.stack.gateway_url}/predict", params={"backend": backend}, json=body
-                    )
-                except httpx.HTTPError as exc:
-                    self.failures.append(f"{backend}: {exc!r}")
-                else:
-                    if response.status_code == 200:
-                        self.versions.add(response.json()["version"])
-                    else:
-                        self.failures.append(f"{backend}: {response.status_code} {response.text}")
-                self.answered += 1
-
-    def __enter__(self) -> Traffic:
-        self._thread = threading.Thread(target=self._send)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join(60)
-        assert not self._thread.is_alive()
 
 
 def _server_pid(stack: LocalStack, program: str) -> int:
