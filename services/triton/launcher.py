@@ -59,6 +59,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -74,6 +75,7 @@ from services.common.processes import (
 )
 from services.common.repository import (
     TORCHSCRIPT_SUFFIX,
+    RefusedVersion,
     RepositoryError,
     list_versions,
     load_version,
@@ -189,11 +191,16 @@ class LocalTriton:
     # --- preparing ---------------------------------------------------------------------
 
     def prepare(
-        self, version: int | None = None, target: Path | None = None, versions: int = 1
+        self,
+        version: int | None = None,
+        target: Path | None = None,
+        versions: int = 1,
+        refused: Sequence[RefusedVersion] = (),
     ) -> int:
         """Generate the repository (into ``target``, by default the one served) and the backend
         directory; return the served version: ``version``, or at start (None) the newest valid
-        one. ``versions``: how many version folders each config serves (see :meth:`reload`)."""
+        one. ``versions``: how many version folders each config serves (see :meth:`reload`);
+        ``refused``: the newer versions a reload refused, for the classifier's config."""
         dist = self.distribution
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -204,6 +211,7 @@ class LocalTriton:
                 self.settings,
                 version=version,
                 versions=versions,
+                refused=refused,
             )
         except (RepositoryError, ValueError) as exc:  # nothing (verified) to serve, or
             raise LauncherError(str(exc)) from None  # overrides that do not fit: say so
@@ -503,11 +511,13 @@ class LocalTriton:
             if extra.is_file():
                 shutil.copy2(extra, live / extra.name)
 
-    def _stage(self, version: int | None, versions: int) -> tuple[Path, int]:
+    def _stage(
+        self, version: int | None, versions: int, refused: Sequence[RefusedVersion] = ()
+    ) -> tuple[Path, int]:
         """``version``'s twin repository (None: the newest valid one's), generated beside the
         served one; and that version."""
         staged = self.run_dir / "staging"
-        return staged, self.prepare(version, staged, versions)
+        return staged, self.prepare(version, staged, versions, refused)
 
     def reload(self, timeout_s: float = 300.0) -> Reloaded:
         """Serve the newest published version without a restart (see the module docstring).
@@ -546,7 +556,10 @@ class LocalTriton:
                 # version walk is for the start, when nothing is served yet).
                 staged, version = self._stage(newest, versions=2)
             except LauncherError as exc:
-                return self._refused(before, newest, relative_to_repository(str(exc), repo))
+                reason = relative_to_repository(str(exc), repo)
+                if before is not None and newest is not None:
+                    self._report_refusal(client, before, RefusedVersion(newest, reason))
+                return self._refused(before, newest, reason)
             if version != before:
                 touched: list[str] = []
                 try:
@@ -556,7 +569,8 @@ class LocalTriton:
                         self._load(client, name)
                 except (LauncherError, httpx.HTTPError) as exc:
                     if before is not None:
-                        self._restore(client, before, touched)
+                        refusal = RefusedVersion(version, str(exc))
+                        self._restore(client, before, touched, refusal)
                     return self._refused(before, version, str(exc))
                 served = self.served_version(client)
                 if served != version:
@@ -591,14 +605,30 @@ class LocalTriton:
         )
         return Reloaded(served, served, {version: reason} if version is not None else {})
 
-    def _restore(self, client: httpx.Client, version: int, touched: list[str]) -> None:
-        """Write the twin repository of ``version`` (the one still served) back in place and
-        load the ``touched`` models again, so that what is on disk is what is served."""
+    def _report_refusal(self, client: httpx.Client, served: int, refusal: RefusedVersion) -> None:
+        """Name ``refusal`` in the served classifier's ``refused_versions`` parameter (what the
+        gateway's ``/readyz`` reads from Triton's model config): its config is written again
+        for the same version with it, and the classifier loaded again. Triton swaps a reloaded
+        model in once it is ready, so this costs no request; a failure is only logged (the
+        refusal is still in ``reload``'s answer)."""
         try:
-            staged, _ = self._stage(version, versions=1)
+            staged, _ = self._stage(served, versions=1, refused=[refusal])
+            self._swap_in(staged, self.settings.model)
+            self._load(client, self.settings.model)
+        except (LauncherError, httpx.HTTPError, OSError) as exc:
+            logger.error("could not report the refusal of v%d: %s", refusal.version, exc)
+
+    def _restore(
+        self, client: httpx.Client, version: int, touched: list[str], refusal: RefusedVersion
+    ) -> None:
+        """Write the twin repository of ``version`` (the one still served, its classifier's
+        config naming ``refusal``) back in place and load the ``touched`` models again (the
+        classifier always), so that what is on disk is what is served."""
+        try:
+            staged, _ = self._stage(version, versions=1, refused=[refusal])
             for name in self.models(staged):
                 self._swap_in(staged, name)
-            for name in touched:
+            for name in dict.fromkeys([self.settings.model, *touched]):
                 self._load(client, name)
         except (LauncherError, httpx.HTTPError, OSError) as exc:
             logger.error("could not put v%d back in place: %s", version, exc)

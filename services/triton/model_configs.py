@@ -55,6 +55,7 @@ from services.common.repository import (
     TORCHSCRIPT_SUFFIX,
     Artifact,
     Manifest,
+    RefusedVersion,
     load_version,
     newest_valid_version,
     version_dir,
@@ -498,6 +499,7 @@ def write_local_repository(
     settings: TritonSettings,
     version: int | None = None,
     versions: int = 1,
+    refused: Sequence[RefusedVersion] = (),
 ) -> int:
     """Generate the python-backend repository the local tritonserver serves; return its version.
 
@@ -512,7 +514,8 @@ def write_local_repository(
     a python twin per native model whose version folder holds the generic ``model.py`` and
     links to the published ``model.onnx`` / ``model.pt`` and ``manifest.json``, plus
     ``preprocess`` and the ensemble. ``target`` is rebuilt from scratch, once the version is
-    verified. ``version`` (the one a reload leaves in place) replaces the newest.
+    verified. ``version`` (the one a reload leaves in place) replaces the newest; ``refused``
+    then names the newer versions that reload refused (the walk names its own).
 
     The ensembles' steps are pinned to the version (an answer names the version it ran, even
     while a reload keeps two loaded), and every config serves its ``versions`` newest version
@@ -523,7 +526,7 @@ def write_local_repository(
         chosen = newest_valid_version(source_repo, model)
         manifest, refused = chosen.loaded.manifest, chosen.refused
     else:
-        manifest, refused = load_version(source_repo, model, version).manifest, []
+        manifest = load_version(source_repo, model, version).manifest
     refused_json = json.dumps([r.as_dict() for r in refused])
     serving = settings.serving_for(manifest.serving)
     options = PreprocessOptions(

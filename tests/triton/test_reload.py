@@ -26,7 +26,11 @@ import pytest
 
 from services.common.repository import version_dir
 from services.triton.launcher import LocalTriton, Reloaded
-from services.triton.protocol import LOGITS_OUTPUT, binary_infer_request
+from services.triton.protocol import (
+    LOGITS_OUTPUT,
+    REFUSED_VERSIONS_PARAMETER,
+    binary_infer_request,
+)
 from tests.conftest import PublishedModel
 from tests.processes import free_ports, processes_naming
 from training.publish import publish_checkpoint
@@ -142,6 +146,13 @@ def step_versions(client: httpx.Client, triton: LocalTriton) -> list[str]:
     return [str(step["model_version"]) for step in steps]
 
 
+def refused_parameter(client: httpx.Client, triton: LocalTriton) -> dict[int, str]:
+    """The served classifier's ``refused_versions`` (what the gateway's /readyz reports)."""
+    url = f"http://{triton.settings.http_url}/v2/models/{triton.settings.model}/config"
+    parameter = client.get(url).json()["parameters"][REFUSED_VERSIONS_PARAMETER]
+    return {r["version"]: r["reason"] for r in json.loads(parameter["string_value"])}
+
+
 def twin_versions(triton: LocalTriton, model: str) -> list[str]:
     return sorted(p.name for p in (triton.repository / model).iterdir() if p.name.isdigit())
 
@@ -192,6 +203,7 @@ def test_a_new_version_is_loaded_under_traffic_and_bad_ones_are_refused(
             assert triton.served_version(client) == new
             assert step_versions(client, triton) == [str(new), str(new)]
             assert infer(client, triton, published_model.images[2]) == (200, str(new))
+            assert list(refused_parameter(client, triton)) == [unloadable]
 
         # Fails its sha256: refused before anything changes.
         corrupt = publish_checkpoint(trained_checkpoint, repo)
@@ -204,6 +216,9 @@ def test_a_new_version_is_loaded_under_traffic_and_bad_ones_are_refused(
         with httpx.Client(timeout=30) as client:
             assert triton.served_version(client) == new
             assert infer(client, triton, published_model.images[1]) == (200, str(new))
+            refused = refused_parameter(client, triton)
+            assert list(refused) == [corrupt], refused
+            assert refused[corrupt].startswith(f"classifier/{corrupt}/model.onnx: sha256"), refused
         clients.wait_for(CLIENTS * 5)  # and after the last reload, still answered
 
     answers = clients.all()
