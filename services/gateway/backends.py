@@ -82,6 +82,10 @@ class Answer:
     predictions: Predictions
 
 
+#: What a readiness probe that got no answer within ``GATEWAY_HEALTH_TIMEOUT_S`` reports.
+PROBE_TIMED_OUT = "readiness check timed out"
+
+
 @dataclass(frozen=True, slots=True)
 class Readiness:
     ready: bool
@@ -91,6 +95,12 @@ class Readiness:
     #: The published versions the engine refused to serve, as it reports them:
     #: ``{"version": int, "reason": str}``, newest first.
     refused_versions: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def timed_out(self) -> bool:
+        """The check got no answer in time: the engine may be busy (Triton answers its probes
+        late while it loads a model) rather than down."""
+        return not self.ready and self.detail == PROBE_TIMED_OUT
 
 
 def refused_entries(data: Any) -> tuple[dict[str, Any], ...]:
@@ -378,7 +388,7 @@ class HttpBackend:
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             return f"{type(exc).__name__}: {exc}", True
         except TimeoutError:
-            return "readiness check timed out", False
+            return PROBE_TIMED_OUT, False
         except aiohttp.ClientError as exc:
             return (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__), False
 

@@ -107,6 +107,9 @@ class EngineGuard:
         self.metrics = metrics
         self.ready = False
         self.detail = "not checked yet"
+        self.health_timeouts = settings.health_timeouts
+        #: Readiness checks in a row that timed out while the engine counted as ready.
+        self.timeouts_in_a_row = 0
         #: The version the engine served at its last readiness check (None: unknown).
         self.version: str | None = None
         self.checked_at: float | None = None
@@ -182,6 +185,19 @@ class EngineGuard:
             logger.exception("readiness check of %s failed", self.name)
             readiness = Readiness(False, f"check failed: {type(exc).__name__}")
         self.checked_at = time.time()
+        if readiness.timed_out and self.ready:
+            self.timeouts_in_a_row += 1
+            if self.timeouts_in_a_row < self.health_timeouts:
+                # Busy rather than down: it keeps its state (its calls still have the breaker).
+                logger.info(
+                    "%s: %s (%d in a row), still counted ready",
+                    self.name,
+                    readiness.detail,
+                    self.timeouts_in_a_row,
+                )
+                return readiness
+        else:
+            self.timeouts_in_a_row = 0
         self.version = readiness.version if readiness.ready else None
         self.refused_versions = list(readiness.refused_versions)
         self._set_ready(readiness.ready, readiness.detail)

@@ -84,7 +84,12 @@ class GatewaySettings(ServiceSettings):
     health_interval_s: float = Field(default=1.0, gt=0.0)
     """How often every engine's readiness is checked (`/readyz` shows the result)."""
     health_timeout_s: float = Field(default=2.0, gt=0.0)
-    """Time one readiness check may take before the engine counts as not ready."""
+    """Time one readiness check may take before it counts as timed out."""
+    health_timeouts: int = Field(default=3, ge=1)
+    """Readiness checks in a row that may time out before a ready engine counts as not ready:
+    an engine busy loading a model (Triton during a reload) answers its probes late but still
+    serves. A refused connection or a not-ready answer counts at once; 1 makes a timeout count
+    at once too."""
     resolve_interval_s: float = Field(default=5.0, ge=0.0)
     """How often an engine's host name is resolved again; calls go to its addresses in turn
     (replicas: `docker compose --scale`, a headless Service), passing over one that refuses.

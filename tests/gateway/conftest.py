@@ -231,6 +231,9 @@ class StallingServer:
     ``/predict`` until released (at teardown)."""
 
     release: threading.Event = field(default_factory=threading.Event)
+    #: While set, ``/readyz`` answers only after ``probe_delay_s`` (an engine busy loading).
+    slow_probes: threading.Event = field(default_factory=threading.Event)
+    probe_delay_s: float = 1.0
     predict_calls: int = 0
     server: ThreadingHTTPServer | None = None
 
@@ -254,6 +257,8 @@ class StallingServer:
                 self.wfile.write(body)
 
             def do_GET(self) -> None:
+                if fake.slow_probes.is_set():
+                    fake.release.wait(timeout=fake.probe_delay_s)
                 body = b'{"ready":true,"model":"classifier","version":1,"engine":"stall"}'
                 self._answer(200 if self.path == "/readyz" else 404, body)
 

@@ -8,6 +8,7 @@ import logging
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -109,6 +110,53 @@ async def test_without_failover_a_dead_engine_is_a_503(
         )
         assert named.status_code == 200
         assert named.json()["backend"] == "triton"
+
+
+async def _predictor_ready(client: Any) -> bool:
+    return bool((await client.get("/readyz")).json()["backends"]["predictor"]["ready"])
+
+
+@pytest.mark.parametrize("tolerated", [3, 1])
+async def test_probes_that_time_out_count_only_so_many_in_a_row(
+    stalling_server: StallingServer, tolerated: int
+) -> None:
+    """A ready engine whose probes time out (Triton while it loads a model) stays ready for
+    ``health_timeouts - 1`` checks in a row, then counts as not ready; one answer in time
+    resets the count."""
+    interval_s, timeout_s = 0.2, 0.3
+    settings = isolated_settings(
+        predictor_url=stalling_server.url,
+        torchserve_url=closed_port_url(),
+        torchserve_management_url=closed_port_url(),
+        torchserve_key_file=None,
+        triton_url=closed_port_url(),
+        connect_timeout_s=0.5,
+        health_interval_s=interval_s,
+        health_timeout_s=timeout_s,
+        health_timeouts=tolerated,
+    )
+    async with gateway_app(settings) as (client, _):
+        deadline = time.monotonic() + 10
+        while not await _predictor_ready(client):
+            assert time.monotonic() < deadline, "the predictor never turned ready"
+            await asyncio.sleep(0.05)
+        stalling_server.slow_probes.set()
+        slowed = time.monotonic()
+        # Still ready through tolerated - 1 timed-out checks (none when tolerated is 1).
+        spell_s = (tolerated - 1) * (interval_s + timeout_s)
+        while time.monotonic() < slowed + spell_s:
+            assert await _predictor_ready(client), time.monotonic() - slowed
+            await asyncio.sleep(0.05)
+        while await _predictor_ready(client):
+            assert time.monotonic() < slowed + spell_s + 5, "timed-out probes never counted"
+            await asyncio.sleep(0.05)
+        body = (await client.get("/readyz")).json()["backends"]["predictor"]
+        assert body["detail"] == "readiness check timed out", body
+        stalling_server.slow_probes.clear()
+        deadline = time.monotonic() + 10
+        while not await _predictor_ready(client):
+            assert time.monotonic() < deadline, "the predictor never turned ready again"
+            await asyncio.sleep(0.05)
 
 
 async def test_no_engine_at_all_is_a_503_and_not_ready() -> None:
