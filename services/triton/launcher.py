@@ -190,22 +190,44 @@ class LocalTriton:
 
     # --- preparing ---------------------------------------------------------------------
 
-    def prepare(
+    def prepare(self) -> int:
+        """At start: generate the served repository of the newest valid version and the
+        backend directory, and record where the repository came from; return the version."""
+        dist = self.distribution
+        version = self._write_twins(self.repository, None)
+        origin = {
+            "repository": str(self.settings.repository.resolve()),
+            "model": self.settings.model,
+        }
+        (self.run_dir / SOURCE_FILE).write_text(json.dumps(origin) + "\n")
+        self._log_overrides(version)
+        python_dir = self.backends / "python"
+        python_dir.mkdir(parents=True, exist_ok=True)
+        for source in (
+            dist.backend_dir / "libtriton_python.so",
+            dist.backend_dir / "triton_python_backend_utils.py",
+            dist.stub,
+        ):
+            copy = python_dir / source.name
+            if not copy.exists() or copy.stat().st_size != source.stat().st_size:
+                shutil.copy2(source, copy)  # the stub keeps its executable bit
+        return version
+
+    def _write_twins(
         self,
-        version: int | None = None,
-        target: Path | None = None,
+        target: Path,
+        version: int | None,
         versions: int = 1,
         refused: Sequence[RefusedVersion] = (),
     ) -> int:
-        """Generate the repository (into ``target``, by default the one served) and the backend
-        directory; return the served version: ``version``, or at start (None) the newest valid
-        one. ``versions``: how many version folders each config serves (see :meth:`reload`);
-        ``refused``: the newer versions a reload refused, for the classifier's config."""
-        dist = self.distribution
+        """The twin repository of ``version`` (None: the newest valid one) written into
+        ``target``; return that version. ``versions``: how many version folders each config
+        serves (see :meth:`reload`); ``refused``: the newer versions a reload refused, for the
+        classifier's config."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
-            version = write_local_repository(
-                target or self.repository,
+            return write_local_repository(
+                target,
                 self.settings.repository.resolve(),
                 self.settings.model,
                 self.settings,
@@ -215,25 +237,12 @@ class LocalTriton:
             )
         except (RepositoryError, ValueError) as exc:  # nothing (verified) to serve, or
             raise LauncherError(str(exc)) from None  # overrides that do not fit: say so
-        origin = {
-            "repository": str(self.settings.repository.resolve()),
-            "model": self.settings.model,
-        }
-        (self.run_dir / SOURCE_FILE).write_text(json.dumps(origin) + "\n")
+
+    def _log_overrides(self, version: int) -> None:
+        """One warning per ``TRITON_*`` override of ``version``'s serving config in effect."""
         manifest = read_manifest(self.settings.repository.resolve(), self.settings.model, version)
         for override in self.settings.overrides(manifest.serving):
             logger.warning("%s", override.describe())
-        python_dir = self.backends / "python"
-        python_dir.mkdir(parents=True, exist_ok=True)
-        for source in (
-            dist.backend_dir / "libtriton_python.so",
-            dist.backend_dir / "triton_python_backend_utils.py",
-            dist.stub,
-        ):
-            target = python_dir / source.name
-            if not target.exists() or target.stat().st_size != source.stat().st_size:
-                shutil.copy2(source, target)  # the stub keeps its executable bit
-        return version
 
     def command(self) -> list[str]:
         s = self.settings
@@ -517,7 +526,7 @@ class LocalTriton:
         """``version``'s twin repository (None: the newest valid one's), generated beside the
         served one; and that version."""
         staged = self.run_dir / "staging"
-        return staged, self.prepare(version, staged, versions, refused)
+        return staged, self._write_twins(staged, version, versions, refused)
 
     def reload(self, timeout_s: float = 300.0) -> Reloaded:
         """Serve the newest published version without a restart (see the module docstring).
@@ -580,6 +589,7 @@ class LocalTriton:
                 logger.info(
                     "Triton now serves %s v%d (was v%s)", self.settings.model, version, before
                 )
+                self._log_overrides(version)
         refused: dict[int, str] = {}
         if newest is not None and newest != version:  # passed over by the version walk
             refused[newest] = _verification_error(repo, self.settings.model, newest)
