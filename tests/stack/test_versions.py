@@ -18,7 +18,7 @@ import dataclasses
 import re
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,6 +171,21 @@ def _publish_corrupt(published: PublishedModel, scratch: Path) -> int:
     return bad
 
 
+def _publish_and_reload(
+    stack: LocalStack, published: PublishedModel, publish: Callable[[], int], after: int
+) -> tuple[int, Reload, Traffic]:
+    """Under traffic from every client to every engine and compare mode: ``publish`` a version
+    (newer than ``after``), then `make reload`, watching each engine's /readyz; the version,
+    the reload and the traffic."""
+    with Traffic(stack, published.images, threads=CLIENTS, backends=ROTATION) as traffic:
+        _wait_for_answers(traffic, 0.0, 2, "first answers from every engine")
+        version = publish()
+        assert version > after
+        reload = _reload_watching(stack, version, time.monotonic())
+        _wait_for_answers(traffic, reload.finished, 5, "answers after `make reload`")
+    return version, reload, traffic
+
+
 @pytest.mark.timeout(1800)  # with the session model and the `make up` of the fixture
 def test_a_new_version_is_served_by_every_engine_within_the_readme_time_with_no_failed_request(
     versions_stack: VersionsStack,
@@ -181,13 +196,12 @@ def test_a_new_version_is_served_by_every_engine_within_the_readme_time_with_no_
     old = published.version
     engines = _readyz(stack)
     assert {b: engines[b]["version"] for b in BACKENDS} == dict.fromkeys(BACKENDS, str(old))
-    with Traffic(stack, published.images, threads=CLIENTS, backends=ROTATION) as traffic:
-        _wait_for_answers(traffic, 0.0, 2, "first answers from every engine")
-        new = publish_checkpoint(published.checkpoint, published.repo)
-        assert new > old
-        since = time.monotonic()
-        reload = _reload_watching(stack, new, since)
-        _wait_for_answers(traffic, reload.finished, 5, "answers after `make reload`")
+    new, reload, traffic = _publish_and_reload(
+        stack,
+        published,
+        lambda: publish_checkpoint(published.checkpoint, published.repo),
+        old,
+    )
     _report(f"v{old} -> v{new}", reload, traffic)
     done = reload.done
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -214,13 +228,12 @@ def test_a_corrupt_version_is_refused_by_every_engine_which_keeps_serving_with_n
     engines = _readyz(stack)
     good = int(engines["predictor"]["version"])
     assert {b: engines[b]["version"] for b in BACKENDS} == dict.fromkeys(BACKENDS, str(good))
-    with Traffic(stack, published.images, threads=CLIENTS, backends=ROTATION) as traffic:
-        _wait_for_answers(traffic, 0.0, 2, "first answers from every engine")
-        bad = _publish_corrupt(published, tmp_path)
-        assert bad > good
-        since = time.monotonic()
-        reload = _reload_watching(stack, bad, since)
-        _wait_for_answers(traffic, reload.finished, 5, "answers after `make reload`")
+    bad, reload, traffic = _publish_and_reload(
+        stack,
+        published,
+        lambda: _publish_corrupt(published, tmp_path),
+        good,
+    )
     _report(f"v{good} -> corrupt v{bad}", reload, traffic)
     done = reload.done
     # `python -m services.stack reload` exits 1; make says so and exits 2 itself.
